@@ -1,0 +1,27 @@
+"""The RL maths as pure torch functions: group advantages, policy loss, KL, online filters.
+
+Plain functions of tensors with explicit scalar arguments and shapes in their docstrings; no
+Ray, vLLM, DeepSpeed or transformers import here (tests/unit/test_algo_imports.py checks it).
+"""
+
+from gmai_rl.algo.advantages import ESTIMATORS, group_advantages
+from gmai_rl.algo.filters import FilterResult, filter_by_accuracy, filter_zero_variance
+from gmai_rl.algo.kl import KL_ESTIMATORS, kl_estimate
+from gmai_rl.algo.logprobs import entropy_from_logits, token_logprobs
+from gmai_rl.algo.loss import AGG_MODES, aggregate, loss_normalisers, policy_loss
+
+__all__ = [
+    "AGG_MODES",
+    "ESTIMATORS",
+    "KL_ESTIMATORS",
+    "FilterResult",
+    "aggregate",
+    "entropy_from_logits",
+    "filter_by_accuracy",
+    "filter_zero_variance",
+    "group_advantages",
+    "kl_estimate",
+    "loss_normalisers",
+    "policy_loss",
+    "token_logprobs",
+]

@@ -1,0 +1,79 @@
+"""`gmai-rl`: the command-line front door.
+
+gmai-rl train [hydra overrides ...]     GRPO on Ray (same as python -m gmai_rl.train)
+gmai-rl make-tiny-model OUT             offline tiny Qwen2.5-VL with processor and chat template
+gmai-rl make-data OUT [...]             the synthetic medical MCQ dataset
+gmai-rl synth --model M --data D ...    rejection sampling into SFT records
+gmai-rl eval --model M --data D         held-out accuracy of a checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _make_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="folder to write the model and processor to")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vision-depth", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from gmai_rl.models.tiny import make_tiny_model
+
+    path = make_tiny_model(
+        args.out,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        vision_depth=args.vision_depth,
+        seed=args.seed,
+    )
+    print(path)
+    return 0
+
+
+def _train(argv: Sequence[str]) -> int:
+    from gmai_rl.train import main as train_main
+
+    # Hydra parses sys.argv itself.
+    sys.argv = ["gmai-rl train", *argv]
+    train_main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gmai_rl import evaluate, synth
+    from gmai_rl.data.synthetic import cli as synthetic_cli
+
+    parser = argparse.ArgumentParser(prog="gmai-rl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="GRPO on Ray; the rest of the line goes to hydra")
+    tiny = commands.add_parser("make-tiny-model", help="write an offline tiny Qwen2.5-VL")
+    _make_tiny_model_arguments(tiny)
+    tiny.set_defaults(run=_make_tiny_model)
+    data = commands.add_parser("make-data", help="write the synthetic medical MCQ dataset")
+    synthetic_cli.add_arguments(data)
+    data.set_defaults(run=synthetic_cli.run)
+    rs = commands.add_parser("synth", help="rejection sampling into SFT records")
+    synth.add_arguments(rs)
+    rs.set_defaults(run=synth.run)
+    ev = commands.add_parser("eval", help="held-out accuracy of a checkpoint")
+    evaluate.add_arguments(ev)
+    ev.set_defaults(run=evaluate.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return _train(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

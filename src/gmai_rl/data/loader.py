@@ -1,0 +1,386 @@
+"""Load multiple-choice questions from JSON Lines files or `datasets`, validating every record.
+
+`load_mcq_jsonl` reads the record formats described in `gmai_rl.data.records` (GMAI-Reasoning10K
+conversations, MM-EUREKA chat messages, the project's plain form), detected per record, and
+checks each record: JSON, fields and types, options, answer among the options, images present
+and readable by PIL (header only: fast, but pixel data truncated mid-file goes unnoticed), and ids
+unique within the load. A record without an `id` gets "<file stem>-<line>".
+
+Failures raise `DataError` naming the file, the 1-based line and the reason. With
+`on_error="skip"` bad records are skipped instead, counted by reason in a `LoadReport` and logged
+once as a warning naming the counts and the first few locations of each reason. Only blank lines
+are skipped silently. Duplicate ids are an error naming both lines (skipping keeps the first).
+
+`load_mcq_dataset` does the same through Hugging Face `datasets` for a local JSONL file, a local
+dataset folder (e.g. a GMAI-Reasoning10K snapshot, whose README declares the configs
+`reasoning_mcq_rl` and `reasoning_mcq_sft`) or a hub name; errors name the row index (0-based,
+as in `dataset[i]`) instead of a line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gmai_rl.data.records import (
+    DUPLICATE_ID,
+    INVALID_JSON,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    RecordError,
+    parse_record,
+)
+from gmai_rl.types import MCQItem
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class DataError(ValueError):
+    """A record that cannot be loaded, with where it is and why."""
+
+    def __init__(self, location: str, reason: str, detail: str) -> None:
+        super().__init__(f"{location}: {reason}: {detail}")
+        self.location = location
+        """Where the record is: "path/file.jsonl:12" (1-based line) or "<dataset> row 11"."""
+        self.reason = reason
+        """A short machine-readable reason, one of the constants in `gmai_rl.data.records`."""
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, str]]:
+        return type(self), (self.location, self.reason, self.detail)  # Ray pickles errors
+
+
+@dataclass
+class LoadReport:
+    """What one load kept and what it skipped, by reason."""
+
+    source: str
+    loaded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Reason -> number of records skipped for it."""
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    """Reason -> the first few errors of that reason, as "location: detail"."""
+    max_examples: int = 3
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def add_skip(self, error: DataError) -> None:
+        self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(f"{error.location}: {error.detail}")
+
+    def summary(self) -> str:
+        total = self.loaded + self.skipped_total
+        lines = [f"{self.source}: loaded {self.loaded} of {total} records"]
+        if self.skipped_total:
+            lines[0] += f", skipped {self.skipped_total}:"
+        for reason, count in sorted(self.skipped.items(), key=lambda item: -item[1]):
+            lines.append(f"  {reason}: {count}, e.g.")
+            lines.extend(f"    {example}" for example in self.examples[reason])
+        return "\n".join(lines)
+
+
+def load_mcq_jsonl(
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    on_error: OnError = "raise",
+    *,
+    check_images: bool = True,
+) -> list[MCQItem]:
+    """The questions in a JSON Lines file; see the module docstring and `load_mcq_jsonl_with_report`."""
+    items, _ = load_mcq_jsonl_with_report(path, image_root, on_error, check_images=check_images)
+    return items
+
+
+def load_mcq_jsonl_with_report(
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    on_error: OnError = "raise",
+    *,
+    check_images: bool = True,
+) -> tuple[list[MCQItem], LoadReport]:
+    """The questions in a JSON Lines file and the report of what was skipped.
+
+    Args:
+        path: the JSONL file.
+        image_root: folder that relative image paths start from; default: the file's folder.
+        on_error: "raise" a `DataError` at the first bad record, or "skip" bad records.
+        check_images: open every image's header with PIL; off only for trusted data on slow disks.
+    """
+    jsonl = Path(path)
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"no such JSONL file: {jsonl}")
+    root = os.path.abspath(image_root if image_root is not None else jsonl.parent)
+    report = LoadReport(source=str(jsonl))
+    items = _collect(_jsonl_records(jsonl), root, on_error, check_images, report)
+    return items, report
+
+
+def load_mcq_dataset(
+    name_or_path: str | os.PathLike[str],
+    split: str = "train",
+    config: str | None = None,
+    image_root: str | os.PathLike[str] | None = None,
+    on_error: OnError = "raise",
+    *,
+    check_images: bool = True,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> list[MCQItem]:
+    """The questions of a dataset loaded through `datasets`; see `load_mcq_dataset_with_report`."""
+    items, _ = load_mcq_dataset_with_report(
+        name_or_path,
+        split,
+        config,
+        image_root,
+        on_error,
+        check_images=check_images,
+        revision=revision,
+        cache_dir=cache_dir,
+    )
+    return items
+
+
+def load_mcq_dataset_with_report(
+    name_or_path: str | os.PathLike[str],
+    split: str = "train",
+    config: str | None = None,
+    image_root: str | os.PathLike[str] | None = None,
+    on_error: OnError = "raise",
+    *,
+    check_images: bool = True,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[list[MCQItem], LoadReport]:
+    """The questions of a dataset loaded through `datasets`, and the report of what was skipped.
+
+    Args:
+        name_or_path: a local JSONL file, a local dataset folder, or a hub dataset name such as
+            "General-Medical-AI/GMAI-Reasoning10K" (downloaded whole with
+            `huggingface_hub.snapshot_download`, images included, because records name their
+            images by paths relative to the dataset folder). A folder is read as its dataset
+            card's `configs` declare; without such a card, from the JSONL file named by `config`
+            (or its only JSONL file).
+        split: the split to read ("train" for a single file or a config without splits).
+        config: the dataset config, e.g. "reasoning_mcq_rl" or "reasoning_mcq_sft".
+        image_root: folder that relative image paths start from; default: the file's folder,
+            the dataset folder or the downloaded snapshot.
+        on_error, check_images: as in `load_mcq_jsonl_with_report`.
+        revision: hub revision (branch, tag or commit) to download.
+        cache_dir: where `datasets` caches the prepared tables.
+
+    Rows whose columns `datasets` cannot unify (e.g. `image` a string in one row and a list in
+    another) make `datasets` itself fail; `load_mcq_jsonl` reads such files record by record.
+    """
+    import datasets  # heavy; only this path needs it
+
+    local = Path(name_or_path).expanduser()
+    id_prefix = config or local.stem
+    if local.is_file():
+        dataset = datasets.load_dataset(
+            "json", data_files={split: str(local)}, split=split, cache_dir=cache_dir
+        )
+        folder, label = local.parent, str(local)
+    else:
+        folder = local if local.is_dir() else _download_snapshot(str(name_or_path), revision)
+        dataset = _load_folder(folder, config, split, cache_dir)
+        label = ":".join(part for part in (str(name_or_path), config, split) if part)
+        id_prefix = config or Path(str(name_or_path)).name
+    root = os.path.abspath(image_root if image_root is not None else folder)
+    rows = _dataset_records(_undecoded_images(dataset), label, id_prefix)
+    report = LoadReport(source=label)
+    items = _collect(rows, root, on_error, check_images, report)
+    return items, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading raw records
+
+
+@dataclass(frozen=True)
+class _RawRecord:
+    location: str
+    """For errors: "file.jsonl:12" or "<dataset> row 11"."""
+    source: str
+    """For `MCQItem.source`: "file.jsonl:12" or "<dataset>:11"."""
+    default_id: str
+    record: Any = None
+    problem: RecordError | None = None
+    """Set when the record could not even be read (broken JSON, bad encoding)."""
+
+
+def _jsonl_records(path: Path) -> Iterator[_RawRecord]:
+    # Binary lines and per-line decoding: one badly encoded line is one bad record, not a crash.
+    with path.open("rb") as lines:
+        for number, raw_line in enumerate(lines, start=1):
+            if not raw_line.strip():
+                continue
+            record, problem = _decode_line(raw_line)
+            yield _RawRecord(
+                location=f"{path}:{number}",
+                source=f"{path.name}:{number}",
+                default_id=f"{path.stem}-{number}",
+                record=record,
+                problem=problem,
+            )
+
+
+def _decode_line(raw_line: bytes) -> tuple[Any, RecordError | None]:
+    try:
+        line = raw_line.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        return None, RecordError(INVALID_JSON, f"not UTF-8: {error}")
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as error:
+        detail = f"broken JSON: {error.msg} at column {error.colno}"
+        if line.strip() in ("[", "{"):
+            detail += " (is this a pretty-printed JSON file rather than JSON Lines?)"
+        return None, RecordError(INVALID_JSON, detail)
+
+
+def _dataset_records(dataset: Any, label: str, id_prefix: str) -> Iterator[_RawRecord]:
+    for index, row in enumerate(dataset):
+        yield _RawRecord(
+            location=f"{label} row {index}",
+            source=f"{label}:{index}",
+            default_id=f"{id_prefix}-{index}",
+            record=row,
+        )
+
+
+def _download_snapshot(name: str, revision: str | None) -> Path:
+    if not _HUB_NAME.match(name) or name.endswith((".jsonl", ".json")):
+        raise FileNotFoundError(f"{name!r} is neither a local file or folder nor a hub dataset")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=name, repo_type="dataset", revision=revision))
+
+
+def _load_folder(folder: Path, config: str | None, split: str, cache_dir: str | None) -> Any:
+    """A dataset folder's split: as its card's `configs` declare, else from its one JSONL file.
+
+    Without declared configs, `datasets` would infer the builder from the commonest file type,
+    and a folder of images next to a JSONL file would load as an image-classification dataset.
+    """
+    import datasets
+
+    if _card_declares_configs(folder / "README.md"):
+        return datasets.load_dataset(str(folder), config, split=split, cache_dir=cache_dir)
+    candidates = sorted(folder.glob("*.jsonl"))
+    chosen = [path for path in candidates if config is None or path.stem == config]
+    if len(chosen) != 1:
+        names = ", ".join(path.stem for path in candidates) or "none"
+        raise FileNotFoundError(
+            f"{folder}: no dataset card declares configs, so config must name one of its "
+            f"JSONL files ({names}); got config={config!r}"
+        )
+    return datasets.load_dataset(
+        "json", data_files={split: str(chosen[0])}, split=split, cache_dir=cache_dir
+    )
+
+
+def _card_declares_configs(readme: Path) -> bool:
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    front_matter = (
+        text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    )
+    return re.search(r"(?m)^configs:", front_matter) is not None
+
+
+def _undecoded_images(dataset: Any) -> Any:
+    """The dataset with image columns as {"path", "bytes"} instead of decoded PIL images.
+
+    A dataset card may declare `image` with dtype image; decoding every image just to read its
+    path back would be slow, and relative paths would be resolved against the working directory.
+    """
+    import datasets
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            dataset = dataset.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _collect(
+    raws: Iterable[_RawRecord],
+    image_root: str,
+    on_error: OnError,
+    check_images: bool,
+    report: LoadReport,
+) -> list[MCQItem]:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    items: list[MCQItem] = []
+    first_seen: dict[str, str] = {}  # id -> location
+    image_problems: dict[str, RecordError | None] = {}  # many questions share an image
+    for raw in raws:
+        try:
+            if raw.problem is not None:
+                raise raw.problem
+            item = parse_record(
+                raw.record, default_id=raw.default_id, source=raw.source, image_root=image_root
+            )
+            if item.id in first_seen:
+                raise RecordError(
+                    DUPLICATE_ID, f"id {item.id!r} is also used at {first_seen[item.id]}"
+                )
+            if check_images:
+                for image in item.images:
+                    if image not in image_problems:
+                        image_problems[image] = _image_problem(image)
+                    if (problem := image_problems[image]) is not None:
+                        raise problem
+        except RecordError as error:
+            data_error = DataError(raw.location, error.reason, error.detail)
+            if on_error == "raise":
+                raise data_error from None
+            report.add_skip(data_error)
+            continue
+        first_seen[item.id] = raw.location
+        items.append(item)
+    report.loaded = len(items)
+    if report.skipped_total:
+        logger.warning("%s", report.summary())
+    return items
+
+
+def _image_problem(path: str) -> RecordError | None:
+    """Why the image at `path` cannot be used, or None. Reads the header only."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        return RecordError(MISSING_IMAGE, f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # Large whole-slide crops trip PIL's bomb *warning*; they are still readable.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Exception as error:  # PIL raises many types for unreadable files
+        return RecordError(UNREADABLE_IMAGE, f"PIL cannot read {path}: {error}")
+    if width <= 0 or height <= 0:
+        return RecordError(UNREADABLE_IMAGE, f"image has no pixels: {path}")
+    return None

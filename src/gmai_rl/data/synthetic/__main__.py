@@ -1,0 +1,3 @@
+from gmai_rl.data.synthetic.cli import main
+
+raise SystemExit(main())

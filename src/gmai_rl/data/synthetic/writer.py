@@ -1,0 +1,184 @@
+"""Write synthetic splits as GMAI-Reasoning10K JSONL files plus PNG images.
+
+Layout under `out_dir` (image paths in the records are relative to it, like the real dataset's):
+```
+train.jsonl  eval.jsonl   reasoning_mcq_rl records: the gpt turn is the answer letter
+sft.jsonl                 reasoning_mcq_sft records over the train images: <think>..</think><answer>
+manifest.json             the arguments and the per-task counts
+images/2d/cls/<modality>/<id>.png
+```
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from gmai_rl.data.synthetic.generate import (
+    GENERIC_REASONING,
+    LETTERS,
+    SyntheticItem,
+    balanced_labels,
+    generate_items,
+    task_stream,
+)
+from gmai_rl.data.synthetic.tasks import TASKS
+
+SftAnswers = Literal["true", "random"]
+Record = dict[str, Any]
+"""One JSONL line: {"id", "image", "conversations"}."""
+
+DEFAULT_TASKS = ("lesion_side", "lesion_quadrant", "modality", "lesion_size", "lesion_presence")
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    """n as `parts` counts that differ by at most one, the larger ones first."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def interleave(per_task: Sequence[Sequence[SyntheticItem]]) -> list[SyntheticItem]:
+    """Round-robin over the tasks, so any prefix of a file mixes them."""
+    longest = max((len(items) for items in per_task), default=0)
+    return [items[i] for i in range(longest) for items in per_task if i < len(items)]
+
+
+def image_relpath(item: SyntheticItem) -> str:
+    return f"images/2d/cls/{item.modality}/{item.id}.png"
+
+
+def rl_record(item: SyntheticItem) -> Record:
+    return {
+        "id": item.id,
+        "image": image_relpath(item),
+        "conversations": [
+            {"from": "human", "value": item.prompt},
+            {"from": "gpt", "value": item.answer},
+        ],
+    }
+
+
+def sft_record(item: SyntheticItem, reasoning: str, letter: str) -> Record:
+    return {
+        "id": item.id,
+        "image": image_relpath(item),
+        "conversations": [
+            {"from": "human", "value": item.prompt},
+            {"from": "gpt", "value": f"<think>{reasoning}</think>\n<answer>{letter}</answer>"},
+        ],
+    }
+
+
+def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) -> list[Record]:
+    """Cold-start records. "true": the finding and the gold letter. "random": a generic sentence and
+    a letter drawn independently of the truth, balanced over the options per task, so SFT teaches
+    the answer format and nothing about the task (accuracy at chance)."""
+    if answers == "true":
+        return [sft_record(item, item.truthful_reasoning, item.answer) for item in items]
+    if answers != "random":
+        raise ValueError(f"sft_answers must be 'true' or 'random', not {answers!r}")
+    records: dict[str, Record] = {}
+    for task in dict.fromkeys(item.task for item in items):
+        task_items = [item for item in items if item.task == task]
+        rng = np.random.default_rng(task_stream(seed, "sft", task))
+        letters = balanced_labels(rng, len(task_items), len(TASKS[task].classes))
+        for item, letter in zip(task_items, letters, strict=True):
+            reasoning = GENERIC_REASONING[int(rng.integers(len(GENERIC_REASONING)))]
+            records[item.id] = sft_record(item, reasoning, LETTERS[letter])
+    return [records[item.id] for item in items]
+
+
+def write_jsonl(path: Path, records: Sequence[Record]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_images(out_dir: Path, items: Sequence[SyntheticItem]) -> None:
+    for folder in {(out_dir / image_relpath(item)).parent for item in items}:
+        folder.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        # compress_level 1: ~3x faster than the default for a few percent larger files.
+        Image.fromarray(item.pixels, "RGB").save(
+            out_dir / image_relpath(item), format="PNG", compress_level=1
+        )
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path,
+    *,
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    image_size: int = 56,
+    shuffle_options: bool = False,
+    sft_answers: SftAnswers = "true",
+    n_sft: int | None = None,
+) -> dict[str, Path]:
+    """Generate and write train/eval/SFT splits; return the written paths by name.
+
+    `n_train` and `n_eval` are totals, split evenly over `tasks`. Each task's eval count is rounded
+    down to a multiple of its option count, so in eval every letter is the gold answer equally often
+    (a constant-letter policy scores exactly 1/k per task); manifest.json records the actual counts.
+    `n_sft` (default: all) takes the first train items, mixed over tasks, for sft.jsonl.
+    """
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def generate_split(split: str, counts: Sequence[int]) -> list[SyntheticItem]:
+        per_task = [
+            generate_items(
+                task,
+                count,
+                seed,
+                split=split,
+                image_size=image_size,
+                shuffle_options=shuffle_options,
+            )
+            for task, count in zip(tasks, counts, strict=True)
+        ]
+        return interleave(per_task)
+
+    train_counts = split_evenly(n_train, len(tasks))
+    eval_counts = [
+        count - count % len(TASKS[task].classes)
+        for task, count in zip(tasks, split_evenly(n_eval, len(tasks)), strict=True)
+    ]
+    train = generate_split("train", train_counts)
+    held_out = generate_split("eval", eval_counts)
+    sft_items = train if n_sft is None else train[:n_sft]
+
+    paths = {
+        "train": out / "train.jsonl",
+        "eval": out / "eval.jsonl",
+        "sft": out / "sft.jsonl",
+        "images": out / "images",
+        "manifest": out / "manifest.json",
+    }
+    write_images(out, [*train, *held_out])
+    write_jsonl(paths["train"], [rl_record(item) for item in train])
+    write_jsonl(paths["eval"], [rl_record(item) for item in held_out])
+    write_jsonl(paths["sft"], sft_records(sft_items, seed, sft_answers))
+    manifest = {
+        "generator": "gmai_rl.data.synthetic",
+        "seed": seed,
+        "tasks": list(tasks),
+        "image_size": image_size,
+        "shuffle_options": shuffle_options,
+        "sft_answers": sft_answers,
+        "counts": {
+            "train": dict(zip(tasks, train_counts, strict=True)),
+            "eval": dict(zip(tasks, eval_counts, strict=True)),
+            "sft": len(sft_items),
+        },
+    }
+    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return paths

@@ -1,0 +1,93 @@
+"""Held-out evaluation: one answer per question, scored by the MCQ rule.
+
+Accuracy here is always `mcq_reward`'s (exactly one <answer> block naming the gold letter), whatever
+reward the run trains with, so numbers compare across runs. The letter histogram shows a policy that
+answers one letter regardless of the image (on a class-balanced split it scores exactly chance).
+
+`python -m gmai_rl.evaluate --model PATH --data eval.jsonl` evaluates a checkpoint in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from gmai_rl.reward.mcq import answer_block, extract_choice, mcq_reward
+from gmai_rl.types import Group, MCQItem
+
+
+def answered_letter(completion: str, item: MCQItem) -> str | None:
+    """The letter inside the completion's single answer block, if any."""
+    block = answer_block(completion)
+    return extract_choice(block, item.options) if block is not None else None
+
+
+def summarize(groups: Sequence[Group], items: Sequence[MCQItem]) -> dict[str, Any]:
+    """Accuracy, format rate, per-modality accuracy and answer-letter counts of first completions."""
+    accuracy, formats = [], []
+    by_modality: dict[str, list[float]] = defaultdict(list)
+    letters: Counter[str] = Counter()
+    for group, item in zip(groups, items, strict=True):
+        text = group.completions[0].text
+        reward = mcq_reward(text, item.answer, item.options)
+        accuracy.append(reward.accuracy)
+        formats.append(reward.format)
+        by_modality[item.modality or "unknown"].append(reward.accuracy)
+        letters[answered_letter(text, item) or "none"] += 1
+    n = len(accuracy)
+    return {
+        "accuracy": sum(accuracy) / n,
+        "format_rate": sum(formats) / n,
+        "n": n,
+        "policy_version": groups[0].policy_version,
+        "accuracy_by_modality": {m: sum(v) / len(v) for m, v in sorted(by_modality.items())},
+        "answer_letters": dict(sorted(letters.items())),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gmai-rl eval", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF checkpoint folder or hub name")
+    parser.add_argument("--data", required=True, help="JSONL of questions (any supported format)")
+    parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
+    parser.add_argument("--no-system-prompt", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", default=None, help="write the summary JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt, load_mcq_jsonl
+    from gmai_rl.models.loading import ModelOptions
+    from gmai_rl.rollout.hf import HFEngine
+    from gmai_rl.types import SamplingParams
+
+    items = load_mcq_jsonl(args.data)[: args.max_items]
+    system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+    engine = HFEngine(ModelOptions(args.model))
+    sampling = SamplingParams(args.temperature, 1.0, args.max_new_tokens, seed=0)
+    groups: list[Group] = []
+    for start in range(0, len(items), args.batch_size):
+        batch = items[start : start + args.batch_size]
+        groups += engine.generate([build_prompt(i, system) for i in batch], 1, sampling)
+    summary = summarize(groups, items)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Load a policy (vision-language or text-only) and its processor from a local path or hub name.
+
+Vision-language checkpoints (Qwen2.5-VL, Qwen2-VL, ...) load through `AutoModelForImageTextToText`
+and `AutoProcessor`; text-only causal LMs through `AutoModelForCausalLM` and `AutoTokenizer`. The
+rest of the project only needs to know `is_vision_language(processor)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Parameter-name prefixes of the vision tower in the architectures we support.
+_VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_tower.")
+
+
+@dataclass
+class ModelOptions:
+    path: str
+    """Local folder or hub name of an HF checkpoint."""
+    dtype: str = "float32"
+    """Weights' dtype: float32, bfloat16 or float16."""
+    attn_implementation: str | None = None
+    """"sdpa", "eager", "flash_attention_2"...; None lets transformers choose."""
+    freeze_vision: bool = False
+    """Keep the vision tower's weights fixed (they are still broadcast to the rollout workers)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint's repository (needed by some architectures)."""
+    min_pixels: int | None = None
+    """Processor bound on image area (Qwen-VL resizes images into [min_pixels, max_pixels])."""
+    max_pixels: int | None = None
+    """Upper bound on image area; null keeps the processor's own."""
+    build_tiny_if_missing: bool = False
+    """Write an offline tiny random Qwen2.5-VL at `path` first when it has no config.json (demo)."""
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def is_vision_language_config(config: Any) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(options: ModelOptions) -> Any:
+    """AutoProcessor for a vision-language checkpoint, AutoTokenizer for a text-only one."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
+    if not is_vision_language_config(config):
+        return AutoTokenizer.from_pretrained(
+            options.path, trust_remote_code=options.trust_remote_code
+        )
+    kwargs = {
+        k: v
+        for k, v in (("min_pixels", options.min_pixels), ("max_pixels", options.max_pixels))
+        if v
+    }
+    return AutoProcessor.from_pretrained(
+        options.path, trust_remote_code=options.trust_remote_code, **kwargs
+    )
+
+
+def load_model(options: ModelOptions) -> Any:
+    """The policy as a torch module in train mode, with the requested freezing and checkpointing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
+    auto = (
+        AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+    )
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(options.dtype)}
+    if options.attn_implementation:
+        kwargs["attn_implementation"] = options.attn_implementation
+    model = auto.from_pretrained(
+        options.path, trust_remote_code=options.trust_remote_code, **kwargs
+    )
+    if options.freeze_vision:
+        frozen = freeze_vision_tower(model)
+        log.info("froze %d vision-tower parameters", frozen)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Set requires_grad=False on the vision tower; returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name.startswith(_VISION_PREFIXES):
+            param.requires_grad_(False)
+            frozen += 1
+    if frozen == 0 and is_vision_language_config(model.config):
+        raise ValueError(
+            f"freeze_vision: no parameter of {type(model).__name__} starts with {_VISION_PREFIXES}"
+        )
+    return frozen
+
+
+def is_vision_language(processor: Any) -> bool:
+    """True for a multimodal processor, False for a plain tokenizer."""
+    return hasattr(processor, "image_processor")
+
+
+def tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)

@@ -1,0 +1,258 @@
+"""The weight-sync process group: learner rank 0 (group rank 0) + W rollout workers (ranks 1..W).
+
+Every member already lives in some other torch.distributed world (DeepSpeed's learner group,
+vLLM's world-size-1 group inside its worker), and `init_process_group` can only make one default
+group per process. So the sync group is built without the default group and without touching
+torch.distributed's global state: a dedicated `TCPStore` (hosted by rank 0) for the rendezvous
+and a backend object (`ProcessGroupGloo` / `ProcessGroupNCCL`) constructed on it directly. That is
+the approach of vLLM's `StatelessProcessGroup` + `PyNcclCommunicator` and of OpenRLHF's
+`stateless_init_process_group`, here with torch's own NCCL binding instead of vLLM's ctypes one,
+so it works the same in the learner (no vLLM) and in a vLLM worker. PyTorch's c10d tests
+build backends this way (`c10d.ProcessGroupNCCL(store, rank, size)`).
+
+Collectives go through the backend's list API (`pg.broadcast([t], opts).wait()`), never through
+`torch.distributed.broadcast(group=...)`, which would require the group to be registered with
+the default world.
+
+Timeouts (measured on torch 2.14 / gloo, see tests/integration/test_sync_processes.py):
+- a rank-0 store waits for all W clients for ~timeout_s + 1 s, then fails naming how many joined;
+- a client polls for rank 0's store for timeout_s, then fails (TCPStore's own retry loop is
+  bypassed: its random backoff makes late connects slow and its bound ~2 x timeout_s);
+- building the gloo group when a peer joined the store but not the group: timeout_s;
+- a broadcast whose peer never calls it: timeout_s, after which gloo closes the pair and every
+  later collective on the group fails at once. A group that timed out is dead: destroy it and
+  build a new one (new port).
+Every such failure is re-raised as `SyncGroupError` naming host:port, rank, world size, timeout.
+NCCL: connection setup is bounded the same way (store); a collective that never completes is
+aborted by torch's NCCL watchdog after timeout_s, which by default tears the process down
+(`TORCH_NCCL_ASYNC_ERROR_HANDLING`), not a Python exception.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed import BroadcastOptions, TCPStore  # type: ignore[attr-defined]
+
+BACKENDS = ("gloo", "nccl")
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class SyncGroupError(RuntimeError):
+    """A sync-group rendezvous or collective failed (usually: a peer did not show up in time)."""
+
+
+def find_free_port() -> int:
+    """A TCP port that is free on this node right now (bind to port 0, read it, release it).
+
+    Call it on the node that will host rank 0's store. Another process can grab the port between
+    this call and the store's bind; the store then fails with "address already in use": retry
+    with a new port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_ip_address() -> str:
+    """This node's IP address that other nodes can reach, for rank 0's store.
+
+    Ray's choice (`ray.util.get_node_ip_address()`), imported lazily so this module loads without
+    Ray; 127.0.0.1 where Ray is not installed (single-node use).
+    """
+    try:
+        import ray.util
+    except ImportError:
+        return "127.0.0.1"
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class SyncGroup:
+    """A live sync group. Build it with `init_sync_group`; every member holds one."""
+
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    backend: str
+    timeout_s: float
+    device: torch.device
+    _store: Any = field(repr=False)
+    _pg: Any = field(repr=False)
+
+    def _where(self) -> str:
+        return (
+            f"sync group {self.host}:{self.port} (backend {self.backend}, rank {self.rank} of "
+            f"world size {self.world_size}, timeout {self.timeout_s:g} s)"
+        )
+
+    def _check_alive(self) -> None:
+        if self._pg is None:
+            raise SyncGroupError(f"{self._where()} was destroyed")
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Broadcast `tensor` in place from group rank `src` to every other member. Blocking.
+
+        Every member must call it with a tensor of the same numel and dtype, in the same order
+        relative to the group's other collectives. On `src` the tensor is read, elsewhere
+        overwritten. With NCCL "blocking" means the current CUDA stream waits for the
+        broadcast: later work on that stream sees the data.
+
+        Args:
+            tensor: contiguous, on `self.device` (CPU for gloo, this process's GPU for NCCL).
+            src: the sending rank (0 = the learner).
+        """
+        self._check_alive()
+        if not tensor.is_contiguous():
+            raise ValueError("broadcast needs a contiguous tensor")
+        opts = BroadcastOptions()
+        opts.rootRank = src
+        try:
+            self._pg.broadcast([tensor], opts).wait()
+        except RuntimeError as err:
+            raise SyncGroupError(
+                f"broadcast of {tensor.numel()} {tensor.dtype} elements from rank {src} failed "
+                f"on {self._where()}; the group is unusable now, destroy it and build a new "
+                f"one: {err}"
+            ) from err
+
+    def barrier(self) -> None:
+        """Block until every member reached the barrier (a 1-element all-reduce)."""
+        self._check_alive()
+        # An all-reduce on our own device rather than `pg.barrier()`: ProcessGroupNCCL's barrier
+        # has to guess a device when the group has no bound one.
+        token = torch.zeros(1, device=self.device)
+        try:
+            self._pg.allreduce([token]).wait()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except RuntimeError as err:
+            raise SyncGroupError(f"barrier failed on {self._where()}: {err}") from err
+
+    def destroy(self) -> None:
+        """Release the group's connections (and NCCL communicators). Idempotent.
+
+        Rank 0's store goes with it, so destroy rank 0 last or together with the others: a
+        member still waiting on the store would fail.
+        """
+        if self._pg is not None:
+            self._pg.shutdown()
+        self._pg = None
+        self._store = None
+
+    close = destroy
+
+    def __enter__(self) -> SyncGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+def init_sync_group(
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    backend: str = "gloo",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device: torch.device | str | None = None,
+) -> SyncGroup:
+    """Join (rank 0: host) the sync group. Collective: blocks until all `world_size` ranks join.
+
+    Every member calls it concurrently with the same host, port, world size and backend; the
+    driver must launch all the calls before waiting on any.
+
+    Args:
+        host: rank 0's address, reachable from every member (`node_ip_address()` on rank 0).
+        port: a free port on rank 0's node (`find_free_port()` there); rank 0's store binds it.
+        rank: 0 for the learner, 1..world_size-1 for rollout workers.
+        world_size: 1 + number of rollout workers.
+        backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors; every member on its own GPU).
+        timeout_s: bound on the rendezvous and on each collective (see the module docstring).
+        device: where collectives' tensors live. Default: CPU for gloo, the current CUDA
+            device for NCCL (set it before calling, as DeepSpeed and vLLM do).
+
+    Returns:
+        The live group. It has already exchanged one tensor, so the connection works end to end.
+
+    Raises:
+        SyncGroupError: a peer did not show up within the timeout, or the connection failed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sync backend {backend!r}; expected one of {BACKENDS}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    where = (
+        f"sync group {host}:{port} (backend {backend}, rank {rank} of world size {world_size}, "
+        f"timeout {timeout_s:g} s)"
+    )
+    try:
+        if rank != 0:
+            _wait_for_listener(host, port, timeout_s)
+        # wait_for_workers: rank 0's constructor returns only once all world_size members have
+        # connected, so a missing peer fails here with a count of who joined.
+        store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    except (RuntimeError, TimeoutError) as err:
+        raise SyncGroupError(f"could not form the store of {where}: {err}") from err
+    try:
+        pg = _new_backend(backend, store, rank, world_size, timeout)
+    except RuntimeError as err:
+        raise SyncGroupError(f"could not connect the members of {where}: {err}") from err
+    group = SyncGroup(
+        host, port, rank, world_size, backend, timeout_s, torch.device(device), store, pg
+    )
+    # One tiny broadcast so that every member leaves init with a working data path: NCCL
+    # creates its communicator lazily on the first collective, and it is better to find a
+    # broken link here, while every member is in this call, than inside the first weight push.
+    group.broadcast(torch.zeros(1, device=group.device), src=0)
+    return group
+
+
+def _wait_for_listener(host: str, port: int, timeout_s: float) -> None:
+    """Return once something accepts TCP connections on host:port; TimeoutError after timeout_s.
+
+    TCPStore's client retries a refused connect after a random backoff of seconds, so a worker
+    that comes up before rank 0's store can sit idle ~10 s after the store is up (measured), and
+    gives up only after up to ~2 x its timeout. Polling first makes the connect prompt and its
+    bound exact. A bare connection does not count as a store client.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(1.0, left))):
+                return
+        except OSError as err:
+            if left <= 0:
+                raise TimeoutError(
+                    f"nothing listened on {host}:{port} for {timeout_s:g} s"
+                ) from err
+            time.sleep(0.05)
+
+
+def _new_backend(
+    backend: str, store: TCPStore, rank: int, world_size: int, timeout: datetime.timedelta
+) -> Any:
+    """A gloo or NCCL backend object on `store`, not registered with torch.distributed."""
+    if backend == "gloo":
+        # The timedelta overload is the one init_process_group uses: it honours
+        # GLOO_SOCKET_IFNAME (set it where the hostname resolves to an unroutable address).
+        return torch.distributed.ProcessGroupGloo(store, rank, world_size, timeout)
+    # Imported here: a torch build without NCCL has no such name, and gloo users must not care.
+    from torch.distributed import ProcessGroupNCCL
+
+    # As torch's own _create_nccl_process_group builds it, minus the default-world bookkeeping.
+    # The communicator is created lazily on the first collective, on that tensor's device.
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return ProcessGroupNCCL(store, rank, world_size, options)

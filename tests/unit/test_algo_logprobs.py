@@ -1,0 +1,144 @@
+"""token_logprobs and entropy_from_logits: hand values, a per-position loop reference, the custom
+backward against autograd and finite differences, temperature, chunking and strided views."""
+
+import math
+
+import pytest
+import torch
+
+from gmai_rl.algo import entropy_from_logits, token_logprobs
+
+F64 = torch.float64
+
+
+def assert_close(actual, expected, atol=1e-10, rtol=1e-8):
+    # torch.allclose, not torch.testing.assert_close: the latter imports torch.distributed (~2 s).
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.allclose(actual, expected.to(actual.dtype), atol=atol, rtol=rtol), (
+        actual,
+        expected,
+    )
+
+
+def loop_logprobs(logits, tokens, temperature):
+    out = []
+    for row_logits, row_tokens in zip(logits, tokens, strict=True):
+        row = []
+        for scores, token in zip(row_logits, row_tokens, strict=True):
+            z = [s / temperature for s in scores]
+            m = max(z)
+            row.append(z[token] - (m + math.log(sum(math.exp(v - m) for v in z))))
+        out.append(row)
+    return out
+
+
+def loop_entropy(logits, temperature):
+    out = []
+    for row_logits in logits:
+        row = []
+        for scores in row_logits:
+            e = [math.exp(s / temperature) for s in scores]
+            p = [v / sum(e) for v in e]
+            row.append(-sum(q * math.log(q) for q in p if q > 0))
+        out.append(row)
+    return out
+
+
+def test_by_hand():
+    # logits (0, ln 3): p = (1/4, 3/4). log p_1 = ln 0.75 = -0.287682, log p_0 = ln 0.25 = -1.386294
+    # at T = 2: z = (0, ln 3 / 2), p_1 = sqrt 3 / (1 + sqrt 3) = 0.633975, ln = -0.455746
+    # entropy at T = 1: 0.25 ln 4 + 0.75 ln(4/3) = 0.346574 + 0.215762 = 0.562335
+    logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)]]], dtype=F64)
+    tokens = torch.tensor([[1, 0]])
+    assert token_logprobs(logits, tokens).tolist()[0] == pytest.approx(
+        [-0.287682, -1.386294], abs=1e-6
+    )
+    assert token_logprobs(logits, tokens, temperature=2.0)[0, 0].item() == pytest.approx(
+        -0.455746, abs=1e-6
+    )
+    assert entropy_from_logits(logits)[0, 0].item() == pytest.approx(0.562335, abs=1e-6)
+    assert entropy_from_logits(torch.zeros(1, 1, 8))[0, 0].item() == pytest.approx(math.log(8))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("temperature", "chunk_size"), [(1.0, 1), (0.7, 3), (1.3, 512)])
+def test_matches_loop_reference(seed, temperature, chunk_size):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 5, 11, generator=g, dtype=F64) * 3
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    assert_close(
+        token_logprobs(logits, tokens, temperature, chunk_size),
+        torch.tensor(loop_logprobs(logits.tolist(), tokens.tolist(), temperature), dtype=F64),
+    )
+    assert_close(
+        entropy_from_logits(logits, temperature, chunk_size),
+        torch.tensor(loop_entropy(logits.tolist(), temperature), dtype=F64),
+    )
+
+
+def test_backward_matches_finite_differences():
+    # Central differences by hand (torch.autograd.gradcheck works too but imports ~2 s of torch).
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=F64)
+    tokens = torch.randint(0, 5, (2, 3), generator=g)
+    weights = torch.randn(2, 3, generator=g, dtype=F64)
+
+    def f(x):
+        return (token_logprobs(x, tokens, 0.8, chunk_size=2) * weights).sum()
+
+    x = logits.clone().requires_grad_(True)
+    f(x).backward()
+    numeric = torch.zeros_like(logits)
+    h = 1e-6
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in logits.shape)).tolist():
+        step = torch.zeros_like(logits)
+        step[tuple(index)] = h
+        numeric[tuple(index)] = (f(logits + step) - f(logits - step)) / (2 * h)
+    assert_close(x.grad, numeric, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_backward_matches_autograd_of_log_softmax_on_a_strided_view(temperature):
+    # The learner passes model_logits[:, :-1] (non-contiguous); the gradient must land in place.
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(3, 6, 9, generator=g, dtype=F64, requires_grad=True)
+    tokens = torch.randint(0, 9, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g, dtype=F64)
+
+    (token_logprobs(full[:, :-1], tokens, temperature, chunk_size=2) * weights).sum().backward()
+    ours = full.grad.clone()
+    full.grad = None
+    reference = torch.log_softmax(full[:, :-1] / temperature, dim=-1).gather(-1, tokens[..., None])
+    (reference.squeeze(-1) * weights).sum().backward()
+    assert_close(ours, full.grad)
+    assert (ours[:, -1] == 0).all()
+
+
+def test_bf16_logits_give_float32_logprobs_and_bf16_gradients():
+    g = torch.Generator().manual_seed(2)
+    logits32 = torch.randn(2, 3, 7, generator=g)
+    tokens = torch.randint(0, 7, (2, 3), generator=g)
+    logits16 = logits32.bfloat16().requires_grad_(True)
+    out = token_logprobs(logits16, tokens)
+    assert out.dtype == torch.float32
+    assert_close(out, token_logprobs(logits16.detach().float(), tokens), atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    assert logits16.grad.dtype == torch.bfloat16 and logits16.grad.shape == logits16.shape
+    assert entropy_from_logits(logits16.detach()).dtype == torch.float32
+
+
+def test_masked_vocabulary_entries_do_not_produce_nan():
+    logits = torch.tensor([[[0.0, 0.0, -float("inf")]]])
+    assert entropy_from_logits(logits)[0, 0].item() == pytest.approx(math.log(2))
+    assert token_logprobs(logits, torch.tensor([[0]]))[0, 0].item() == pytest.approx(-math.log(2))
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"\[B, L, V\]"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens"):
+        token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        entropy_from_logits(torch.zeros(2, 3, 4), chunk_size=0)

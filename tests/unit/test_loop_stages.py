@@ -1,0 +1,112 @@
+"""The driver's stages that need no cluster: sampling, refilling under the filter, advantages."""
+
+import pytest
+import torch
+
+from gmai_rl.config import AlgoConfig
+from gmai_rl.loop import (
+    CollectStats,
+    ItemSampler,
+    StageTimer,
+    collect_groups,
+    make_train_samples,
+    progress_line,
+    step_record,
+)
+from gmai_rl.types import Completion, Group, MCQItem, Prompt
+
+
+def item(i: int) -> MCQItem:
+    return MCQItem(f"q{i}", "Which?", {"A": "x", "B": "y"}, "A")
+
+
+def group(item_: MCQItem, accuracies: list[float], version: int = 0) -> Group:
+    completions = [
+        Completion([1, 2, 3][: 1 + k % 3], f"c{k}", [-0.5] * (1 + k % 3))
+        for k in range(len(accuracies))
+    ]
+    rewards = [{"accuracy": a, "format": 1.0, "total": a + 0.5} for a in accuracies]
+    return Group(Prompt(item_.id, []), [7, 8], completions, version, rewards)
+
+
+class FakeRollout:
+    """Every `hard_every`-th group of a call is all-wrong (filtered as too hard), the rest mixed."""
+
+    def __init__(self, hard_every: int) -> None:
+        self.hard_every, self.calls = hard_every, []
+
+    def __call__(self, items):
+        self.calls.append(len(items))
+        return [
+            group(it, [0.0, 0.0] if k % self.hard_every == 0 else [1.0, 0.0])
+            for k, it in enumerate(items)
+        ]
+
+
+def test_sampler_covers_every_item_once_per_epoch_and_is_seeded():
+    items = [item(i) for i in range(10)]
+    draws = ItemSampler(items, seed=3).take(10)
+    assert sorted(d.id for d in draws) == sorted(i.id for i in items)
+    assert [d.id for d in ItemSampler(items, seed=3).take(25)][:10] == [d.id for d in draws]
+    with pytest.raises(ValueError):
+        ItemSampler([], seed=0)
+
+
+def test_refill_replaces_filtered_groups_until_the_batch_is_full():
+    rollout = FakeRollout(hard_every=2)  # half of every round is too hard
+    sampler = ItemSampler([item(i) for i in range(100)], seed=0)
+    groups, stats = collect_groups(rollout, sampler, want=8, algo=AlgoConfig(max_refill_rounds=4))
+    assert len(groups) == 8 and stats.padded_groups == 0
+    assert all(g.rewards[0]["accuracy"] == 1.0 for g in groups)  # only mixed groups kept
+    # Round 1 keeps 4 of 8; the refill oversamples the missing 4 by the keep rate 1/2.
+    assert rollout.calls == [8, 8]
+    assert stats.rounds == 2 and stats.dropped_too_hard == 8 and stats.generated_groups == 16
+
+
+def test_when_refills_run_out_the_batch_is_padded_and_says_so():
+    rollout = FakeRollout(hard_every=1)  # everything too hard
+    sampler = ItemSampler([item(i) for i in range(100)], seed=0)
+    groups, stats = collect_groups(rollout, sampler, want=4, algo=AlgoConfig(max_refill_rounds=2))
+    assert len(groups) == 4 and stats.padded_groups == 4
+    assert stats.rounds == 3 and stats.dropped_too_hard == stats.generated_groups
+
+
+def test_without_the_filter_one_round_suffices():
+    rollout = FakeRollout(hard_every=1)
+    groups, stats = collect_groups(
+        rollout,
+        ItemSampler([item(i) for i in range(10)], 0),
+        want=4,
+        algo=AlgoConfig(accuracy_filter=False),
+    )
+    assert len(groups) == 4 and rollout.calls == [4] and stats.padded_groups == 0
+
+
+def test_train_samples_carry_group_relative_advantages():
+    g1 = group(item(1), [1.0, 0.0])  # totals 1.5, 0.5
+    g2 = group(item(2), [1.0, 1.0], version=3)  # equal rewards: zero advantage
+    samples = make_train_samples([g1, g2], "drgrpo")
+    assert [s.advantage for s in samples] == [0.5, -0.5, 0.0, 0.0]
+    assert [s.policy_version for s in samples] == [0, 0, 3, 3]
+    assert samples[1].completion_ids == g1.completions[1].token_ids
+    assert samples[1].rollout_logprobs == g1.completions[1].logprobs
+    grpo = make_train_samples([g1], "grpo")
+    assert grpo[0].advantage == pytest.approx(0.5 / (torch.tensor([1.5, 0.5]).std().item() + 1e-6))
+
+
+def test_step_record_reports_the_issue_metrics():
+    groups = [group(item(1), [1.0, 0.0]), group(item(2), [0.0, 0.0])]
+    stats = CollectStats(generated_groups=2, dropped_too_hard=1, rounds=1, all_groups=groups)
+    timer = StageTimer()
+    timer.seconds.update(generate=2.0, reward=0.1, train=1.0, sync=0.2)
+    record = step_record(
+        4, groups[:1], stats, {"loss": 0.1, "entropy": 1.2, "clip_frac": 0.0}, 5, timer
+    )
+    assert record["accuracy"] == 0.25 and record["format_rate"] == 1.0
+    assert record["reward_mean"] == pytest.approx(0.75)
+    assert record["groups_filtered_too_hard"] == 1 and record["groups_trained"] == 1
+    assert record["generate_tokens_per_s"] == pytest.approx(
+        sum(len(c.token_ids) for g in groups for c in g.completions) / 2.0
+    )
+    assert record["policy_version"] == 5 and record["time_sync_s"] == 0.2
+    assert progress_line(record, 10).startswith("step 5/10 | reward 0.750")
