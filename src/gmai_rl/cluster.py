@@ -65,8 +65,30 @@ def _nonzero(resources: dict[str, float]) -> dict[str, float]:
 
 
 def sync_backend(cfg: ClusterConfig) -> str:
-    """NCCL when both sides of the broadcast hold GPUs, else gloo."""
+    """NCCL when both sides of the broadcast hold GPUs of their own, else gloo.
+
+    Colocated actors share a GPU, and NCCL refuses two ranks of one group on one device, so
+    colocated runs broadcast over gloo through host memory (a CUDA-IPC handoff would avoid the
+    copy; not implemented).
+    """
+    if cfg.colocate:
+        return "gloo"
     return "nccl" if cfg.gpus_per_learner > 0 and cfg.gpus_per_rollout_worker > 0 else "gloo"
+
+
+def sync_ranks(members: list[int]) -> tuple[list[int], int]:
+    """Each rollout worker's first sync-group rank, and the group's world size.
+
+    Learner rank 0 is group rank 0; rollout worker i takes `members[i]` consecutive ranks (1 for
+    an HF engine, one per tensor-parallel worker for vLLM), in worker order.
+    """
+    if any(m < 1 for m in members):
+        raise ValueError(f"every rollout worker needs at least one sync rank, got {members}")
+    offsets, next_rank = [], 1
+    for m in members:
+        offsets.append(next_rank)
+        next_rank += m
+    return offsets, next_rank
 
 
 def init_ray(cfg: TrainConfig) -> None:
@@ -156,6 +178,7 @@ def start_cluster(cfg: TrainConfig) -> Cluster:
             torch_threads=cfg.rollout.torch_threads,
             max_batch_prompts=cfg.rollout.max_batch_prompts,
             seed=cfg.trainer.seed + 1000 * (i + 1),
+            engine_kwargs=rollout_engine_kwargs(cfg),
         )
         for i, b in enumerate(plan.rollout_bundles)
     ]
@@ -169,25 +192,32 @@ def start_cluster(cfg: TrainConfig) -> Cluster:
     ray.get([r.get_policy_version.remote() for r in rollouts])
 
     host, port = ray.get(learners[0].sync_address.remote())
-    sync_world = 1 + len(rollouts)
+    offsets, sync_world = sync_ranks(ray.get([r.sync_members.remote() for r in rollouts]))
     backend, timeout = sync_backend(cfg.cluster), cfg.sync.timeout_s
     joins = [learners[0].join_sync_group.remote(host, port, sync_world, backend, timeout)]
     joins += [
-        r.join_sync_group.remote(host, port, i + 1, sync_world, backend, timeout)
-        for i, r in enumerate(rollouts)
+        r.join_sync_group.remote(host, port, offset, sync_world, backend, timeout)
+        for r, offset in zip(rollouts, offsets, strict=True)
     ]
     ray.get(joins)
     sync_plan = ray.get(
         learners[0].sync_plan.remote(cfg.sync.bucket_mb * 2**20, cfg.sync.wire_dtype)
     )
     log.info(
-        "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s",
+        "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s "
+        "(world size %d)",
         len(learners),
         len(rollouts),
         len(rewards),
         backend,
+        sync_world,
     )
     return Cluster(learners, rollouts, rewards, pg, sync_plan)
+
+
+def rollout_engine_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Engine options of the configured backend (the vLLM section for vLLM; HF takes none)."""
+    return {"vllm": cfg.rollout.vllm} if cfg.rollout.backend == "vllm" else {}
 
 
 def _node_address() -> tuple[str, int]:

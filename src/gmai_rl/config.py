@@ -9,6 +9,7 @@ checks the rules that span fields.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
 from gmai_rl.learner.worker import LearnerOptions, LossOptions, OptimOptions
@@ -27,14 +28,16 @@ class SyntheticDataConfig:
     """Held-out questions; each task's count is rounded down to a multiple of its options."""
     seed: int = 0
     """Seed of the generator: the same seed writes byte-identical files."""
-    tasks: list[str] = field(default_factory=lambda: ["lesion_quadrant"])
+    tasks: list[str] = field(default_factory=lambda: ["modality"])
     """Task names from gmai_rl.data.synthetic.TASKS."""
     image_size: int = 56
     """Side of the square PNGs in pixels (56: 4 visual tokens for Qwen2.5-VL)."""
     shuffle_options: bool = False
     """Shuffle option order per question; a tiny model needs many more RL steps then."""
-    sft_answers: str = "random"
-    """"random": the cold start teaches the format only (answers at chance); "true": the task too."""
+    sft_answers: str = "describe"
+    """Cold-start records: "describe" (the image's finding, then a random letter: format and
+    description learned, accuracy at chance), "random" (generic reasoning, random letter) or "true"
+    (finding, matching option and gold letter: the task too)."""
 
 
 @dataclass
@@ -60,9 +63,45 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine of each rollout worker (rollout.backend=vllm); see gmai_rl.rollout.vllm."""
+
+    tensor_parallel_size: int = 1
+    """GPUs per engine; on GPU it must equal cluster.gpus_per_rollout_worker (the actor's bundle)."""
+    distributed_executor_backend: str | None = None
+    """null: vLLM's choice ("uni" for 1 GPU, "mp" worker processes inside the actor for TP > 1)."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of each GPU the engine may take for weights, activations and KV cache."""
+    kv_cache_memory_mb: int | None = None
+    """KV cache size; null: from gpu_memory_utilization on GPU, 256 MiB on CPU."""
+    enable_sleep_mode: bool = False
+    """GPU only: the engine can release its memory while the learners train (colocated runs)."""
+    sleep_level: int = 1
+    """1 offloads weights to host memory and drops the KV cache; 2 drops the weights too."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (reset after every weight update)."""
+    dtype: str | None = None
+    """Engine dtype (float32, bfloat16, float16); null: model.dtype."""
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens; null: the model config's (can be huge: set it)."""
+    max_num_seqs: int | None = None
+    """Sequences decoded together; null: vLLM's default."""
+    enforce_eager: bool = False
+    """Skip CUDA graph capture (faster start, slower decoding); CPU runs eager anyway."""
+    logprobs_mode: str = "processed_logprobs"
+    """Log-probs after temperature/top-p, which is what the learner computes (at top_p=1)."""
+    images_per_prompt: int = 1
+    """vLLM's limit_mm_per_prompt for images (vision-language models)."""
+    multiprocessing: bool | None = None
+    """Engine core in its own process; null: off on CPU (one process, fast start), on for GPU."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Further vllm.LLM(...) keyword arguments, passed as given."""
+
+
+@dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """"hf" (transformers generate) or "vllm"."""
+    """"hf" (transformers generate) or "vllm" (needs vLLM installed; options in rollout.vllm)."""
     samples_per_prompt: int = 8
     """n: completions per prompt, one GRPO group."""
     temperature: float = 1.0
@@ -79,6 +118,7 @@ class RolloutConfig:
     """Intra-op threads per worker on CPU."""
     max_batch_prompts: int = 64
     """Prompts per generate call inside a worker (bounds memory)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -209,6 +249,7 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
     if cfg.rollout.backend not in ("hf", "vllm"):
         errors.append(f"rollout.backend={cfg.rollout.backend!r}: expected 'hf' or 'vllm'")
+    errors += _vllm_errors(cfg)
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         errors.append(f"learner.zero_stage={cfg.learner.zero_stage}: expected 0-3")
     if cfg.data.on_error not in ("raise", "skip"):
@@ -229,3 +270,24 @@ def validate(cfg: TrainConfig) -> None:
             errors.append("sft.batch_size must divide evenly over cluster.learner_ranks")
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _vllm_errors(cfg: TrainConfig) -> list[str]:
+    """The vLLM engine must fit the rollout actor's bundle (its GPUs are the engine's TP ranks)."""
+    if cfg.rollout.backend != "vllm":
+        return []
+    tp, gpus = cfg.rollout.vllm.tensor_parallel_size, cfg.cluster.gpus_per_rollout_worker
+    errors = []
+    if tp < 1:
+        errors.append(f"rollout.vllm.tensor_parallel_size={tp} must be >= 1")
+    elif cfg.cluster.colocate and tp > 1:
+        errors.append(
+            f"rollout.vllm.tensor_parallel_size={tp}: a colocated engine shares one GPU with a "
+            "learner rank; use tensor_parallel_size=1 or cluster.colocate=false"
+        )
+    elif gpus >= 1 and not cfg.cluster.colocate and tp != gpus:
+        errors.append(
+            f"rollout.vllm.tensor_parallel_size={tp} must equal "
+            f"cluster.gpus_per_rollout_worker={gpus:g} (the engine's GPUs)"
+        )
+    return errors

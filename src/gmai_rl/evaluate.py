@@ -2,7 +2,9 @@
 
 Accuracy here is always `mcq_reward`'s (exactly one <answer> block naming the gold letter), whatever
 reward the run trains with, so numbers compare across runs. The letter histogram shows a policy that
-answers one letter regardless of the image (on a class-balanced split it scores exactly chance).
+answers one letter regardless of the image (on a class-balanced split it scores exactly chance); the
+truncation rate and one example completion per modality show reasoning that has degenerated into a
+loop (greedy decoding then runs to max_new_tokens and never answers).
 
 `python -m gmai_rl.evaluate --model PATH --data eval.jsonl` evaluates a checkpoint in this process.
 """
@@ -26,25 +28,34 @@ def answered_letter(completion: str, item: MCQItem) -> str | None:
 
 
 def summarize(groups: Sequence[Group], items: Sequence[MCQItem]) -> dict[str, Any]:
-    """Accuracy, format rate, per-modality accuracy and answer-letter counts of first completions."""
-    accuracy, formats = [], []
+    """Accuracy, format and truncation rates, per-modality accuracy, answer-letter counts and the
+    first completion of each modality, over the first completion of each group."""
+    accuracy, formats, truncated = [], [], 0
     by_modality: dict[str, list[float]] = defaultdict(list)
+    examples: dict[str, dict[str, str]] = {}
     letters: Counter[str] = Counter()
     for group, item in zip(groups, items, strict=True):
-        text = group.completions[0].text
-        reward = mcq_reward(text, item.answer, item.options)
+        completion = group.completions[0]
+        reward = mcq_reward(completion.text, item.answer, item.options)
         accuracy.append(reward.accuracy)
         formats.append(reward.format)
-        by_modality[item.modality or "unknown"].append(reward.accuracy)
-        letters[answered_letter(text, item) or "none"] += 1
+        truncated += completion.finish_reason == "length"
+        modality = item.modality or "unknown"
+        by_modality[modality].append(reward.accuracy)
+        examples.setdefault(
+            modality, {"id": item.id, "answer": item.answer, "completion": completion.text}
+        )
+        letters[answered_letter(completion.text, item) or "none"] += 1
     n = len(accuracy)
     return {
         "accuracy": sum(accuracy) / n,
         "format_rate": sum(formats) / n,
+        "truncated_rate": truncated / n,
         "n": n,
         "policy_version": groups[0].policy_version,
         "accuracy_by_modality": {m: sum(v) / len(v) for m, v in sorted(by_modality.items())},
         "answer_letters": dict(sorted(letters.items())),
+        "examples": dict(sorted(examples.items())),
     }
 
 

@@ -489,7 +489,8 @@ def run_rl(
 ) -> list[dict[str, Any]]:
     import ray
 
-    ray.get([learner.start_stage.remote(cfg.optim) for learner in cluster.learners])
+    # The KL reference (if any) is the policy RL starts from, i.e. after the SFT cold start.
+    ray.get([learner.start_stage.remote(cfg.optim, True) for learner in cluster.learners])
     sampler = ItemSampler(data.train, cfg.trainer.seed)
     version = ray.get(cluster.rollouts[0].get_policy_version.remote())
     history = []
@@ -530,4 +531,7 @@ def save_checkpoint(cluster: Cluster, path: Path) -> None:
 def _summary(evaluation: dict[str, Any]) -> str:
     if not evaluation:
         return "no eval data"
-    return f"accuracy {evaluation['accuracy']:.3f}, format {evaluation['format_rate']:.3f} (n={evaluation['n']})"
+    return (
+        f"accuracy {evaluation['accuracy']:.3f}, format {evaluation['format_rate']:.3f}, "
+        f"truncated {evaluation.get('truncated_rate', 0.0):.3f} (n={evaluation['n']})"
+    )

@@ -213,7 +213,25 @@ def test_random_sft_teaches_the_format_but_not_the_answer(tmp_path: Path) -> Non
     assert abs(agree["lesion_quadrant"] / 200 - 1 / 4) < 0.1
 
 
-def test_sft_answers_must_be_true_or_random(tmp_path: Path) -> None:
+def test_describe_sft_states_the_finding_but_a_random_letter(tmp_path: Path) -> None:
+    paths = write_synthetic_dataset(
+        tmp_path, n_train=200, n_eval=0, seed=SEED, tasks=["modality"], sft_answers="describe"
+    )
+    train = {record["id"]: record for record in read_jsonl(paths["train"])}
+    items = {item.id: item for item in generate_items("modality", 200, SEED, split="train")}
+    letters: Counter[str] = Counter()
+    agree = 0
+    for record in read_jsonl(paths["sft"]):
+        reasoning = re.match(r"<think>(.+)</think>", gold_of(record))[1]
+        assert reasoning == items[record["id"]].finding  # describes this image ...
+        assert not re.search(r"\boption\b|\b[A-D]\b", reasoning)  # ... naming no option
+        letters[sft_letter(record)] += 1
+        agree += sft_letter(record) == gold_of(train[record["id"]])
+    assert letters == {"A": 50, "B": 50, "C": 50, "D": 50}
+    assert abs(agree / 200 - 1 / 4) < 0.1
+
+
+def test_sft_answers_must_be_a_known_flavour(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sft_answers"):
         write_synthetic_dataset(tmp_path, n_train=5, n_eval=0, sft_answers="maybe")  # type: ignore[arg-type]
 

@@ -122,6 +122,16 @@ def deepspeed_config(opts: LearnerOptions, world_size: int) -> dict[str, Any]:
     }
 
 
+def reference_config(opts: LearnerOptions, world_size: int) -> dict[str, Any]:
+    """The frozen reference policy: no optimizer, so ZeRO-1/2 have nothing to shard and it is a
+    full replica (stage 0); under ZeRO-3 its parameters are partitioned like the policy's."""
+    config = deepspeed_config(opts, world_size)
+    config["zero_optimization"] = {"stage": 3 if opts.zero_stage == 3 else 0}
+    if opts.zero_stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return config
+
+
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> str:
     """Join the learner group; returns the device ("cuda:<local>" or "cpu")."""
     use_cuda = torch.cuda.is_available()
@@ -188,19 +198,44 @@ class Learner:
             reference = load_model(
                 ModelOptions(**{**asdict(model), "gradient_checkpointing": False})
             )
-            self.reference, *_ = deepspeed.initialize(model=reference.eval(), config=config)
+            reference.requires_grad_(False)
+            self.reference, *_ = deepspeed.initialize(
+                model=reference.eval(), config=reference_config(learner, world_size)
+            )
         self.optim = OptimOptions()
         self.optim_step = 0
         self.sync_group: SyncGroup | None = None
 
     # ----------------------------------------------------------------------------- schedule
 
-    def start_stage(self, optim: OptimOptions) -> None:
-        """Begin a training stage (SFT or RL) with its own learning-rate schedule."""
+    def start_stage(self, optim: OptimOptions, reset_reference: bool = False) -> None:
+        """Begin a training stage (SFT or RL) with its own learning-rate schedule.
+
+        `reset_reference` makes the KL reference a copy of the current policy: the RL stage is
+        anchored to where it starts (the SFT model), not to the checkpoint loaded before SFT.
+        Every rank calls it (a collective under ZeRO-3).
+        """
         self.optim, self.optim_step = optim, 0
         for group in self.optimizer.param_groups:
             group["weight_decay"] = optim.weight_decay
             group["betas"] = optim.betas
+        if reset_reference and self.reference is not None:
+            self._copy_policy_to_reference()
+
+    @torch.no_grad()
+    def _copy_policy_to_reference(self) -> None:
+        import deepspeed
+
+        zero3 = self.opts.zero_stage == 3
+        policy = dict(self.engine.module.named_parameters())
+        for name, ref_param in self.reference.module.named_parameters():
+            source = policy[name]
+            # Under ZeRO-3 both are partitioned: gather, let rank 0 copy, re-partition from it.
+            with deepspeed.zero.GatheredParameters(
+                [source, ref_param], modifier_rank=0, enabled=zero3
+            ):
+                if self.rank == 0 or not zero3:
+                    ref_param.data.copy_(source.data)
 
     def _set_lr(self) -> float:
         o = self.optim
@@ -226,14 +261,19 @@ class Learner:
         )  # [B, C]
 
     @torch.no_grad()
+    def _frozen_logprobs(self, module: Any, batch: Any) -> torch.Tensor:
+        """[b, C] log-probs of a batch's completions under `module`, without a graph."""
+        logits = self._completion_logits(module, batch)
+        return self._logprobs(logits, batch, self.loss_opts.temperature).float()
+
     def _score(self, module: Any, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
-        """Per-micro-batch [b, C] log-probs of the samples' completions under `module`."""
-        out = []
-        for micro in chunk(samples, self.opts.micro_batch_size):
-            batch = build_policy_batch(self.processor, micro, self.pad_id)
-            logits = self._completion_logits(module, batch)
-            out.append(self._logprobs(logits, batch, self.loss_opts.temperature).float().cpu())
-        return out
+        """Per-micro-batch [b, C] log-probs of the samples' completions under `module`, on CPU."""
+        return [
+            self._frozen_logprobs(
+                module, build_policy_batch(self.processor, micro, self.pad_id)
+            ).cpu()
+            for micro in chunk(samples, self.opts.micro_batch_size)
+        ]
 
     # ----------------------------------------------------------------------------- training
 
@@ -285,7 +325,7 @@ class Learner:
         old_logprobs = _pad_rows([old[id(s)] for s in micro], mask) if old else logprobs.detach()
         ref_logprobs = None
         if self.reference is not None:
-            ref_logprobs = self._score(self.reference, micro)[0].to(self.device)
+            ref_logprobs = self._frozen_logprobs(self.reference, batch)
         advantages = torch.tensor([s.advantage for s in micro], device=self.device)  # [b]
         loss, metrics = policy_loss(
             logprobs,
@@ -336,7 +376,7 @@ class Learner:
             logprobs = self._logprobs(self._completion_logits(self.engine, batch), batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            total += float(loss)
+            total += loss.item()
         self.engine.step()
         self.optim_step += 1
         return {"sft_loss": total, "grad_norm": _grad_norm(self.engine), "lr": lr}

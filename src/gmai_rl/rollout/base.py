@@ -3,15 +3,22 @@
 An engine turns prompts into groups of n sampled completions with per-token log-probs, and takes new
 weights from the learner. `policy_version` counts the weight updates it has loaded, so every group
 records which policy produced it. The HF transformers engine (hf.py) and the vLLM engine implement it.
+
+Who receives the weight broadcast: the HF engine's model lives in the rollout worker's process, so
+the worker joins the sync group and feeds `receive_weights(group, plan)` to `load_weights`. The
+vLLM engine's model lives in vLLM's worker processes (one per tensor-parallel rank), which must
+each join the group themselves: such an engine implements `SyncingEngine` as well, and the rollout
+worker delegates joining and receiving to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from gmai_rl.sync.buckets import Bucket
 from gmai_rl.types import Group, Prompt, SamplingParams
 
 
@@ -29,3 +36,24 @@ class RolloutEngine(Protocol):
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         """The engine's current weights under HF parameter names (for verification)."""
         ...
+
+
+@runtime_checkable
+class SyncingEngine(Protocol):
+    """An engine whose model runs in processes of its own, which join the sync group themselves."""
+
+    def sync_members(self) -> int:
+        """How many sync-group ranks this engine takes (vLLM: one per TP x PP worker)."""
+        ...
+
+    def join_sync_group(
+        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Join as ranks rank .. rank + sync_members() - 1; blocks until the group is complete."""
+        ...
+
+    def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:
+        """Take one push and load it: {"loaded": n, "checksums": of the received tensors | None}."""
+        ...
+
+    def leave_sync_group(self) -> None: ...

@@ -3,6 +3,12 @@
 The trainer runs each worker as a Ray actor (it wraps this class with `ray.remote` where it places
 the actors). The worker counts the weight updates it has loaded as its policy version, and every
 group it returns carries that version.
+
+Sync membership: an HF engine's model is in this process, so the worker itself is one member of
+the sync group. A vLLM engine (a `SyncingEngine`) has its model in vLLM's workers, one per
+tensor-parallel rank, and each of them is a member: the worker reports `sync_members()`, the
+cluster gives it a block of that many consecutive ranks, and joining and receiving are delegated
+to the engine.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 import torch
 
 from gmai_rl.models.loading import ModelOptions
-from gmai_rl.rollout.base import RolloutEngine
+from gmai_rl.rollout.base import RolloutEngine, SyncingEngine
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.sync.group import SyncGroup, init_sync_group
 from gmai_rl.sync.weights import checksums, receive_weights
@@ -29,14 +35,16 @@ def resolve_device(device: str) -> str:
 def make_engine(
     backend: str, model: ModelOptions, device: str, **engine_kwargs: Any
 ) -> RolloutEngine:
+    """The engine of `backend`; `engine_kwargs` go to the vLLM engine (`vllm=VLLMConfig`, seed)."""
     if backend == "hf":
         from gmai_rl.rollout.hf import HFEngine
 
         return HFEngine(model, device=device)
     if backend == "vllm":
-        from gmai_rl.rollout.vllm import VLLMEngine  # type: ignore[import-not-found]
+        # vLLM picks its device itself (CUDA when the actor has GPUs, else the CPU build).
+        from gmai_rl.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(model, **engine_kwargs)  # type: ignore[no-any-return]
+        return VLLMEngine(model, **engine_kwargs)
     raise ValueError(f"unknown rollout backend {backend!r}; expected 'hf' or 'vllm'")
 
 
@@ -53,9 +61,13 @@ class RolloutWorker:
     ) -> None:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
-        self.engine = make_engine(backend, model, resolve_device(device), **(engine_kwargs or {}))
+        kwargs = dict(engine_kwargs or {})
+        if backend == "vllm":
+            kwargs.setdefault("seed", seed)
+        self.engine = make_engine(backend, model, resolve_device(device), **kwargs)
         self.max_batch_prompts = max_batch_prompts
         self.group: SyncGroup | None = None
+        self._engine_synced = False
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
         groups: list[Group] = []
@@ -72,20 +84,47 @@ class RolloutWorker:
     def get_policy_version(self) -> int:
         return self.engine.policy_version
 
+    def sync_members(self) -> int:
+        """Sync-group ranks this worker needs: 1, or one per vLLM worker process."""
+        if isinstance(self.engine, SyncingEngine):
+            return self.engine.sync_members()
+        return 1
+
     def join_sync_group(
         self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
     ) -> None:
+        """Join as ranks rank .. rank + sync_members() - 1 (blocks until the group is whole)."""
+        if isinstance(self.engine, SyncingEngine):
+            self.engine.join_sync_group(host, port, rank, world_size, backend, timeout_s)
+            self.group = None
+            self._engine_synced = True
+            return
         self.group = init_sync_group(host, port, rank, world_size, backend, timeout_s)
 
     def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:
-        """Take one push from learner rank 0; returns the new version (and checksums if verify)."""
-        if self.group is None:
-            raise RuntimeError("receive_weights before join_sync_group")
-        loaded = self.engine.load_weights(receive_weights(self.group, plan))
+        """Take one push from learner rank 0; returns the new version (and checksums if verify).
+
+        With verify, the checksums are of the engine's weights read back after loading (HF),
+        or of the tensors as they reached vLLM's loader (vLLM's weights cannot be read back
+        under HF names; see rollout/vllm_sync.py). Either way they are comparable with what
+        `push_weights(..., verify=True)` returns.
+        """
+        out: dict[str, Any]
+        if isinstance(self.engine, SyncingEngine):
+            if not self._engine_synced:
+                raise RuntimeError("receive_weights before join_sync_group")
+            received = self.engine.receive_weights(plan, verify)
+            out = {"loaded": received["loaded"]}
+            if verify:
+                out["checksums"] = received["checksums"]
+        else:
+            if self.group is None:
+                raise RuntimeError("receive_weights before join_sync_group")
+            out = {"loaded": self.engine.load_weights(receive_weights(self.group, plan))}
+            if verify:
+                out["checksums"] = self.weight_checksums(plan)
         self.engine.policy_version += 1
-        out: dict[str, Any] = {"version": self.engine.policy_version, "loaded": loaded}
-        if verify:
-            out["checksums"] = self.weight_checksums(plan)
+        out["version"] = self.engine.policy_version
         return out
 
     def weight_checksums(self, plan: Sequence[Bucket]) -> dict[str, str]:
@@ -97,7 +136,22 @@ class RolloutWorker:
             if name in wire
         )
 
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory while the learners train (vLLM sleep mode on
+        CUDA); a no-op for engines without one. The next generate or receive wakes it."""
+        sleep = getattr(self.engine, "sleep", None)
+        if sleep is not None:
+            sleep()
+
+    def wake_up(self) -> None:
+        wake_up = getattr(self.engine, "wake_up", None)
+        if wake_up is not None:
+            wake_up()
+
     def shutdown(self) -> None:
+        if isinstance(self.engine, SyncingEngine) and self._engine_synced:
+            self.engine.leave_sync_group()
+            self._engine_synced = False
         if self.group is not None:
             self.group.destroy()
             self.group = None

@@ -29,10 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sft-answers",
-        choices=("true", "random"),
+        choices=("true", "random", "describe"),
         default="true",
         help="true: reasoning + gold letter; random: generic reasoning + random letter "
-        "(teaches the format only)",
+        "(teaches the format only); describe: the image finding + random letter",
     )
     return parser
 

@@ -29,7 +29,7 @@ from gmai_rl.data.synthetic.generate import (
 )
 from gmai_rl.data.synthetic.tasks import TASKS
 
-SftAnswers = Literal["true", "random"]
+SftAnswers = Literal["true", "random", "describe"]
 Record = dict[str, Any]
 """One JSONL line: {"id", "image", "conversations"}."""
 
@@ -74,20 +74,27 @@ def sft_record(item: SyntheticItem, reasoning: str, letter: str) -> Record:
 
 
 def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) -> list[Record]:
-    """Cold-start records. "true": the finding and the gold letter. "random": a generic sentence and
-    a letter drawn independently of the truth, balanced over the options per task, so SFT teaches
-    the answer format and nothing about the task (accuracy at chance)."""
+    """Cold-start records, in one of three flavours:
+
+    "true":     the finding, the option it matches, and the gold letter (a real cold start).
+    "random":   a generic sentence and a letter drawn independently of the truth, balanced over the
+                options per task: SFT teaches the answer format and nothing else.
+    "describe": the finding (what the image shows, naming no letter) and a random letter, drawn as
+                for "random": SFT teaches the format and to describe the image, but not which option
+                a description means, so accuracy starts at chance and RL must learn the answer.
+    """
     if answers == "true":
         return [sft_record(item, item.truthful_reasoning, item.answer) for item in items]
-    if answers != "random":
-        raise ValueError(f"sft_answers must be 'true' or 'random', not {answers!r}")
+    if answers not in ("random", "describe"):
+        raise ValueError(f"sft_answers must be 'true', 'random' or 'describe', not {answers!r}")
     records: dict[str, Record] = {}
     for task in dict.fromkeys(item.task for item in items):
         task_items = [item for item in items if item.task == task]
         rng = np.random.default_rng(task_stream(seed, "sft", task))
         letters = balanced_labels(rng, len(task_items), len(TASKS[task].classes))
         for item, letter in zip(task_items, letters, strict=True):
-            reasoning = GENERIC_REASONING[int(rng.integers(len(GENERIC_REASONING)))]
+            generic = GENERIC_REASONING[int(rng.integers(len(GENERIC_REASONING)))]
+            reasoning = item.finding if answers == "describe" else generic
             records[item.id] = sft_record(item, reasoning, LETTERS[letter])
     return [records[item.id] for item in items]
 

