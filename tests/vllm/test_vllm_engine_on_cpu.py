@@ -149,7 +149,7 @@ def test_vision_special_tokens_are_never_sampled(worker, processor, prompts):
 
 
 def test_named_weights_are_not_readable_from_vllm(worker):
-    with pytest.raises(NotImplementedError, match="fused"):
+    with pytest.raises(RuntimeError, match="fused"):
         worker.engine.named_weights()
 
 

@@ -181,7 +181,7 @@ class VLLMEngine:
         """Not available: vLLM's parameters are fused (qkv_proj, gate_up_proj), sharded over TP
         workers and repacked for the platform's kernels, so HF-named tensors cannot be read
         back. Verification uses the checksums of the received tensors instead (vllm_sync)."""
-        raise NotImplementedError(
+        raise RuntimeError(
             "vLLM's weights cannot be read back under HF names (fused, sharded, repacked); use "
             "receive_weights(..., verify=True), which checksums the tensors as received"
         )
