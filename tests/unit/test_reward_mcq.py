@@ -116,6 +116,11 @@ BRAIN_CASES = [
     ("A. Glioma", None),
     ("(A) Glioma", None),
     ("An", None),
+    ("The answer is A glioma", "B"),
+    # An uppercase A is the article only in a one-clause answer: elsewhere it is also the letter A.
+    ("A Glioma, so B", None),
+    ("A Glioma B", None),
+    ("B. A glioma", None),
     # Hedges over several options.
     ("A or B", None),
     ("B or C", None),
@@ -231,6 +236,20 @@ def test_extract_choice_other_option_sets():
     assert extract_choice("glioma", {"A": "  **Glioma.**  ", "B": "Other"}) == "A"
     # An empty option text names nothing.
     assert extract_choice("", {"A": "", "B": "Other"}) is None
+
+
+def test_option_text_equal_to_a_joiner_does_not_hide_the_letter_a():
+    # Found by test_two_different_options_are_never_one: "A and" was read as the article "A" and
+    # the option text "And", so the hedge "A and B" named B alone.
+    options = {"A": "Chronic", "B": "And"}
+    assert extract_choice("A and B", options) is None
+    assert extract_choice("A and And", options) is None
+    assert extract_choice("The answer is A and B", options) is None
+    assert extract_choice("A or B", {"A": "Chronic", "B": "Or"}) is None
+    # The article reading still holds in a one-clause answer, and B alone is still B.
+    assert extract_choice("A and", options) == "B"
+    assert extract_choice("B", options) == "B"
+    assert extract_choice("And", options) == "B"
 
 
 @pytest.mark.parametrize(

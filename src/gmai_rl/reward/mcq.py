@@ -41,7 +41,10 @@ to avoid; a hedge that scores is a false positive it learns to exploit.
 7. A text core is the complete text of one option, compared case-insensitively after normalisation,
    bare or in ( ) or [ ], optionally after the article a, an or the ("A glioma" is the option
    "Glioma"), and not running into a further letter or digit ("Gliomas" is not "Glioma"). Two
-   options with the same text make that text name both.
+   options with the same text make that text name both. When A is an option, an uppercase "A" is
+   also the letter A, so it reads as the article only in an answer of one clause ("A Glioma",
+   "The answer is A glioma"): anywhere else it would hide the letter A from rule 8 ("A and B"
+   when B's text is "And" would read as "A And" + "B").
 8. A reading of the answer is one way to split all of it into clauses that name one letter L (a
    split whose clauses name two letters is no reading). The result is L when every reading names L,
    None when there is no reading or readings name different letters. So repeating the option is
@@ -49,6 +52,7 @@ to avoid; a hedge that scores is a false positive it learns to exploit.
    it None ("B or C", "B. Meningioma" when C is Meningioma, "B. no wait, C", "not C, it is B").
    The article reading lets "A Glioma" name B ("A" + "Glioma" names two options, so it is no
    reading) and "A normal brain" name A either way; "A. Glioma" has no article reading and is None.
+   "A Glioma, so B" and "B. A Glioma" are None too: in them the A is the letter A (rule 7).
 
 `mcq_reward(completion, answer, options, format_weight)`
 --------------------------------------------------------
@@ -276,7 +280,11 @@ def _clauses(
         yield from _text_cores(s, core, texts)
         article = _ARTICLE.match(s, core)
         if article is not None:
-            yield from _text_cores(s, article.end(), texts)
+            # An uppercase "A" that may be the letter A is the article only in a one-clause answer.
+            whole_answer_only = s[core : core + 2].rstrip() == "A" and "A" in letters
+            for name, end in _text_cores(s, article.end(), texts):
+                if not whole_answer_only or (pos == 0 and end == len(s)):
+                    yield name, end
 
 
 def _text_cores(
