@@ -107,10 +107,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from gmai_rl.config import VLLMConfig
     from gmai_rl.models.loading import ModelOptions
     from gmai_rl.models.tiny import make_tiny_text_model
     from gmai_rl.rollout.hf import HFEngine
+    from gmai_rl.rollout.options import VLLMOptions
     from gmai_rl.rollout.vllm import VLLMEngine
     from gmai_rl.sync import find_free_port, init_sync_group, param_specs, plan_buckets
     from gmai_rl.sync.weights import receive_weights
@@ -125,7 +125,7 @@ def main() -> None:
     hf = HFEngine(options)
     hf_init = time.perf_counter() - start
     start = time.perf_counter()
-    vllm = VLLMEngine(options, VLLMConfig(enforce_eager=True, max_model_len=1024))
+    vllm = VLLMEngine(options, VLLMOptions(enforce_eager=True, max_model_len=1024))
     vllm_init = time.perf_counter() - start
     params = sum(p.numel() for p in hf.model.parameters())
 

@@ -1,4 +1,14 @@
-"""Placement and start-up: one Ray placement group holding the learner ranks and rollout workers.
+"""The one boundary to Ray: placement, the actors of a run, fan-out, gathering, timeouts.
+
+The driver (gmai_rl.loop) calls methods of a `Cluster`: `generate`, `score`, `train`,
+`train_sft`, `sync_weights`, `save`... Each splits its work over the actors, launches every call
+before awaiting any, and gathers the results in order. Nothing else in the package imports Ray
+(the actor modules are plain classes that this module wraps with `ray.remote`).
+
+Every wait is bounded: the placement group and the actors' constructors by
+`cluster.start_timeout_s`, every stage by `cluster.call_timeout_s`. A stage that does not answer
+in time raises `StageTimeoutError`, one whose actor died `ActorDiedError`, each naming the stage
+and the actors; an exception raised inside an actor arrives as itself, with a note naming them.
 
 Bundle layout (`plan_bundles`, pure):
 - separate (default): one bundle per learner rank, then one per rollout worker;
@@ -14,14 +24,25 @@ before any is awaited, since each join blocks until the whole group is there.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from gmai_rl.config import ClusterConfig, TrainConfig
+from gmai_rl.learner.batching import plan_rank_batches, split_even
+from gmai_rl.learner.options import OptimOptions
+from gmai_rl.learner.rank_metrics import combine_rank_metrics, combine_sft_metrics
+from gmai_rl.rollout.options import Backend
 from gmai_rl.sync.buckets import Bucket
+from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams, TrainSample
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# ------------------------------------------------------------------------ placement (pure)
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,31 @@ def sync_ranks(members: list[int]) -> tuple[list[int], int]:
     return offsets, next_rank
 
 
+def contiguous_shares(items: Sequence[T], parts: int) -> list[list[T]]:
+    """`items` cut into `parts` contiguous slices of ceil(len / parts), the last ones shorter or
+    empty; worker i takes slice i, so concatenating the results keeps the input order."""
+    size = math.ceil(len(items) / parts)
+    return [list(items[i * size : (i + 1) * size]) for i in range(parts)]
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class ClusterError(RuntimeError):
+    """A stage could not complete on the cluster."""
+
+
+class StageTimeoutError(ClusterError):
+    """Some actors did not answer within the stage's timeout."""
+
+
+class ActorDiedError(ClusterError):
+    """An actor's process died (killed, out of memory, node lost) during a stage."""
+
+
+# ----------------------------------------------------------------------------------- ray
+
+
 def init_ray(cfg: TrainConfig) -> None:
     import ray
 
@@ -116,15 +162,145 @@ def init_ray(cfg: TrainConfig) -> None:
     )
 
 
-@dataclass
-class Cluster:
-    """Handles to the actors of one training run."""
+Call = tuple[str, Any]
+"""(the actor's name for messages, the ObjectRef of its pending call)."""
 
-    learners: list[Any]
-    rollouts: list[Any]
-    rewards: list[Any]
-    placement_group: Any
-    sync_plan: list[Bucket]
+
+class Cluster:
+    """The actors of one training run, and every remote call the driver makes to them."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        learners: list[Any],
+        rollouts: list[Any],
+        rewards: list[Any],
+        placement_group: Any,
+        sync_plan: list[Bucket],
+    ) -> None:
+        self.cfg = cfg
+        self.learners, self.rollouts, self.rewards = learners, rollouts, rewards
+        self.placement_group = placement_group
+        self.sync_plan = sync_plan
+        self.timeout_s = cfg.cluster.call_timeout_s
+        # Colocated vLLM engines give their GPU memory back while the learners train.
+        self.rollouts_sleep = (
+            cfg.cluster.colocate
+            and cfg.rollout.backend == Backend.vllm
+            and cfg.rollout.vllm.enable_sleep_mode
+        )
+
+    # ------------------------------------------------------------------------ start, stop
+
+    @classmethod
+    def start(cls, cfg: TrainConfig) -> Cluster:
+        """Place and start every actor, form the learner group and the weight-sync group."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from gmai_rl.learner.worker import Learner
+        from gmai_rl.reward.worker import RewardWorker
+        from gmai_rl.rollout.worker import RolloutWorker
+
+        timeout = cfg.cluster.start_timeout_s
+        plan = plan_bundles(cfg.cluster)
+        pg = placement_group(plan.bundles, strategy=str(cfg.cluster.placement_strategy))
+        ready, _ = ray.wait([pg.ready()], timeout=timeout)
+        if not ready:
+            raise StageTimeoutError(
+                f"start: the placement group ({plan.bundles}) was not ready within {timeout:g} s "
+                f"(cluster.start_timeout_s); the cluster has {ray.cluster_resources()}"
+            )
+
+        def in_bundle(index: int, resources: dict[str, float]) -> dict[str, Any]:
+            return {
+                "num_cpus": resources.get("CPU", 0),
+                "num_gpus": resources.get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=index
+                ),
+            }
+
+        # The learner group's rendezvous and the weight-sync group's store both live on learner
+        # rank 0's node: a probe task in its bundle finds the node's address and two free ports.
+        probe = ray.remote(_node_address).options(**in_bundle(plan.learner_bundles[0], {"CPU": 0}))
+        ((master_addr, master_port, sync_port),) = _await(
+            "start", [("probe", probe.remote())], timeout
+        )
+        world = cfg.cluster.learner_ranks
+        learner_cls = ray.remote(Learner)
+        learners = [
+            learner_cls.options(**in_bundle(b, plan.learner_resources)).remote(
+                cfg.model, cfg.learner, cfg.algo.loss, rank, world, master_addr, master_port
+            )
+            for rank, b in enumerate(plan.learner_bundles)
+        ]
+        rollout_cls = ray.remote(RolloutWorker)
+        rollouts = [
+            rollout_cls.options(**in_bundle(b, plan.rollout_resources)).remote(
+                cfg.rollout.backend,
+                cfg.model,
+                device=cfg.rollout.device,
+                torch_threads=cfg.rollout.torch_threads,
+                max_batch_prompts=cfg.rollout.max_batch_prompts,
+                seed=cfg.trainer.seed + 1000 * (i + 1),
+                engine_kwargs=_engine_kwargs(cfg),
+            )
+            for i, b in enumerate(plan.rollout_bundles)
+        ]
+        reward_cls = ray.remote(RewardWorker)
+        rewards = [
+            reward_cls.options(num_cpus=0.5).remote(cfg.reward.fn, cfg.reward.format_weight)
+            for _ in range(cfg.reward.num_workers)
+        ]
+        cluster = cls(cfg, learners, rollouts, rewards, pg, [])
+        # Wait for every actor's constructor (model loading, DeepSpeed init) before wiring the sync.
+        _await("start", cluster._calls(learners, "learner rank", "ping"), timeout)
+        _await("start", cluster._calls(rollouts, "rollout worker", "get_policy_version"), timeout)
+        _await("start", cluster._calls(rewards, "reward worker", "ping"), timeout)
+
+        host, port = master_addr, sync_port
+        members = _await(
+            "start", cluster._calls(rollouts, "rollout worker", "sync_members"), timeout
+        )
+        offsets, sync_world = sync_ranks(members)
+        backend, sync_timeout = sync_backend(cfg.cluster), cfg.sync.timeout_s
+        joins = [
+            (
+                "learner rank 0",
+                learners[0].join_sync_group.remote(host, port, sync_world, backend, sync_timeout),
+            )
+        ]
+        joins += [
+            (
+                f"rollout worker {i}",
+                r.join_sync_group.remote(host, port, offset, sync_world, backend, sync_timeout),
+            )
+            for i, (r, offset) in enumerate(zip(rollouts, offsets, strict=True))
+        ]
+        _await("start: joining the weight-sync group", joins, timeout)
+        wire_dtype = str(cfg.sync.wire_dtype) if cfg.sync.wire_dtype else None
+        ((cluster.sync_plan),) = _await(
+            "start",
+            [
+                (
+                    "learner rank 0",
+                    learners[0].sync_plan.remote(cfg.sync.bucket_mb * 2**20, wire_dtype),
+                )
+            ],
+            timeout,
+        )
+        log.info(
+            "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s "
+            "(world size %d)",
+            len(learners),
+            len(rollouts),
+            len(rewards),
+            backend,
+            sync_world,
+        )
+        return cluster
 
     def shutdown(self) -> None:
         import ray
@@ -134,93 +310,177 @@ class Cluster:
             ray.kill(actor)
         remove_placement_group(self.placement_group)
 
+    # ----------------------------------------------------------------------------- stages
 
-def start_cluster(cfg: TrainConfig) -> Cluster:
-    """Place and start every actor, form the learner group and the weight-sync group."""
+    def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
+        """n completions per prompt, one Group per prompt in order; prompts are spread evenly
+        over the rollout workers."""
+        shares = contiguous_shares(prompts, len(self.rollouts))
+        calls = [
+            (f"rollout worker {i}", worker.generate.remote(share, n, sampling))
+            for i, (worker, share) in enumerate(zip(self.rollouts, shares, strict=True))
+            if share
+        ]
+        return [group for groups in self._await("generate", calls) for group in groups]
+
+    def score(self, groups: Sequence[Group], items: Sequence[MCQItem]) -> None:
+        """Fill each group's per-completion reward breakdowns (in place); completions are spread
+        evenly over the reward workers."""
+        pairs = [
+            (c.text, item) for g, item in zip(groups, items, strict=True) for c in g.completions
+        ]
+        shares = contiguous_shares(pairs, len(self.rewards))
+        calls = [
+            (f"reward worker {i}", worker.score.remote(share))
+            for i, (worker, share) in enumerate(zip(self.rewards, shares, strict=True))
+            if share
+        ]
+        breakdowns = iter(b for chunk in self._await("score", calls) for b in chunk)
+        for g in groups:
+            g.rewards = [next(breakdowns) for _ in g.completions]
+
+    def start_stage(self, optim: OptimOptions, reset_reference: bool = False) -> None:
+        """Begin a training stage (SFT or RL) on every learner rank: its LR schedule and, with
+        `reset_reference`, the KL reference set to the current policy."""
+        self._await(
+            "start stage",
+            self._calls(self.learners, "learner rank", "start_stage", optim, reset_reference),
+        )
+
+    def train(self, samples: Sequence[TrainSample], num_minibatches: int) -> dict[str, float]:
+        """PPO epochs over a rollout batch, each rank on its share; the ranks' combined metrics."""
+        plans = plan_rank_batches(samples, len(self.learners), num_minibatches)
+        calls = [
+            (f"learner rank {rank}", learner.train_rl.remote(plan))
+            for rank, (learner, plan) in enumerate(zip(self.learners, plans, strict=True))
+        ]
+        return combine_rank_metrics(self._await("train", calls))
+
+    def train_sft(self, samples: Sequence[TrainSample]) -> dict[str, float]:
+        """One SFT optimizer step on a batch split evenly over the ranks."""
+        num_tokens = sum(len(s.completion_ids) for s in samples)
+        shards = split_even(samples, len(self.learners))
+        calls = [
+            (f"learner rank {rank}", learner.train_sft.remote(shard, num_tokens))
+            for rank, (learner, shard) in enumerate(zip(self.learners, shards, strict=True))
+        ]
+        return combine_sft_metrics(self._await("sft", calls))
+
+    def sync_weights(self, verify: bool) -> int:
+        """Push the learner's weights to every rollout worker; returns the new policy version.
+
+        All sends and receives are launched before any is awaited: each blocks on the others.
+        With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
+        """
+        pushes = self._calls(self.learners, "learner rank", "push_weights", self.sync_plan, verify)
+        receipts = self._calls(
+            self.rollouts, "rollout worker", "receive_weights", self.sync_plan, verify
+        )
+        results = self._await("weight sync", pushes + receipts)
+        sent, received = results[0], results[len(pushes) :]
+        versions = {r["version"] for r in received}
+        if len(versions) != 1:
+            raise RuntimeError(
+                f"rollout workers disagree on the policy version: {sorted(versions)}"
+            )
+        if verify:
+            for i, r in enumerate(received):
+                bad = [
+                    name
+                    for name, digest in (sent or {}).items()
+                    if r["checksums"].get(name) != digest
+                ]
+                if bad or len(r["checksums"]) != len(sent or {}):
+                    raise RuntimeError(
+                        f"rollout worker {i}: weights differ from the learner's: {bad[:5]}"
+                    )
+        return versions.pop()
+
+    def sleep_rollouts(self) -> None:
+        """Colocated vLLM engines release their GPU memory for training (a no-op otherwise)."""
+        if self.rollouts_sleep:
+            self._await("sleep", self._calls(self.rollouts, "rollout worker", "sleep"))
+
+    def wake_rollouts(self) -> None:
+        """... and take it back before the weight push and generation."""
+        if self.rollouts_sleep:
+            self._await("wake up", self._calls(self.rollouts, "rollout worker", "wake_up"))
+
+    def policy_version(self) -> int:
+        """The rollout workers' policy version (weight updates loaded)."""
+        versions = self._await(
+            "policy version", self._calls(self.rollouts, "rollout worker", "get_policy_version")
+        )
+        if len(set(versions)) != 1:
+            raise RuntimeError(f"rollout workers disagree on the policy version: {versions}")
+        return int(versions[0])
+
+    def save(self, path: str) -> None:
+        """Write the policy as an HF checkpoint (every rank takes part; rank 0 writes)."""
+        self._await("save", self._calls(self.learners, "learner rank", "save_pretrained", path))
+        log.info("saved checkpoint to %s", path)
+
+    # ------------------------------------------------------------------------- inspection
+
+    def learner_weights(self) -> dict[str, Any]:
+        """The policy's full parameters on CPU (every rank takes part under ZeRO-3)."""
+        per_rank = self._await(
+            "read weights", self._calls(self.learners, "learner rank", "named_parameters")
+        )
+        return dict(per_rank[0])
+
+    def rollout_checksums(self) -> list[dict[str, str]]:
+        """Each rollout worker's checksums of its engine's weights, in the plan's wire dtypes."""
+        return self._await(
+            "checksums",
+            self._calls(self.rollouts, "rollout worker", "weight_checksums", self.sync_plan),
+        )
+
+    # --------------------------------------------------------------------------- plumbing
+
+    def _calls(self, actors: list[Any], kind: str, method: str, *args: Any) -> list[Call]:
+        """The same method called on every actor of a kind, each call named for messages."""
+        return [(f"{kind} {i}", getattr(a, method).remote(*args)) for i, a in enumerate(actors)]
+
+    def _await(self, stage: str, calls: list[Call]) -> list[Any]:
+        return _await(stage, calls, self.timeout_s)
+
+
+def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
+    """The results of `calls`, in order, waiting at most `timeout_s` for all of them."""
     import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.exceptions import RayActorError
 
-    from gmai_rl.learner.worker import Learner
-    from gmai_rl.reward.worker import RewardWorker
-    from gmai_rl.rollout.worker import RolloutWorker
-
-    plan = plan_bundles(cfg.cluster)
-    pg = placement_group(plan.bundles, strategy=cfg.cluster.placement_strategy)
-    ray.get(pg.ready(), timeout=cfg.sync.timeout_s)
-
-    def in_bundle(index: int, resources: dict[str, float]) -> dict[str, Any]:
-        return {
-            "num_cpus": resources.get("CPU", 0),
-            "num_gpus": resources.get("GPU", 0),
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=index
-            ),
-        }
-
-    # The learner group's rendezvous lives on rank 0's node: a probe task there picks the port.
-    probe = ray.remote(_node_address).options(**in_bundle(plan.learner_bundles[0], {"CPU": 0}))
-    master_addr, master_port = ray.get(probe.remote())
-    world = cfg.cluster.learner_ranks
-    learner_cls = ray.remote(Learner)
-    learners = [
-        learner_cls.options(**in_bundle(b, plan.learner_resources)).remote(
-            cfg.model, cfg.learner, cfg.algo.loss, rank, world, master_addr, master_port
+    refs = [ref for _, ref in calls]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [name for name, ref in calls if ref in pending]
+        raise StageTimeoutError(
+            f"{stage}: no answer from {', '.join(late)} within {timeout_s:g} s (a stalled or "
+            "unschedulable actor; see cluster.call_timeout_s / cluster.start_timeout_s)"
         )
-        for rank, b in enumerate(plan.learner_bundles)
-    ]
-    rollout_cls = ray.remote(RolloutWorker)
-    rollouts = [
-        rollout_cls.options(**in_bundle(b, plan.rollout_resources)).remote(
-            cfg.rollout.backend,
-            cfg.model,
-            device=cfg.rollout.device,
-            torch_threads=cfg.rollout.torch_threads,
-            max_batch_prompts=cfg.rollout.max_batch_prompts,
-            seed=cfg.trainer.seed + 1000 * (i + 1),
-            engine_kwargs=rollout_engine_kwargs(cfg),
-        )
-        for i, b in enumerate(plan.rollout_bundles)
-    ]
-    reward_cls = ray.remote(RewardWorker)
-    rewards = [
-        reward_cls.options(num_cpus=0.5).remote(cfg.reward.fn, cfg.reward.format_weight)
-        for _ in range(cfg.reward.num_workers)
-    ]
-    # Wait for every actor's constructor (model loading, DeepSpeed init) before wiring the sync.
-    ray.get([a.ping.remote() for a in learners])
-    ray.get([r.get_policy_version.remote() for r in rollouts])
-
-    host, port = ray.get(learners[0].sync_address.remote())
-    offsets, sync_world = sync_ranks(ray.get([r.sync_members.remote() for r in rollouts]))
-    backend, timeout = sync_backend(cfg.cluster), cfg.sync.timeout_s
-    joins = [learners[0].join_sync_group.remote(host, port, sync_world, backend, timeout)]
-    joins += [
-        r.join_sync_group.remote(host, port, offset, sync_world, backend, timeout)
-        for r, offset in zip(rollouts, offsets, strict=True)
-    ]
-    ray.get(joins)
-    sync_plan = ray.get(
-        learners[0].sync_plan.remote(cfg.sync.bucket_mb * 2**20, cfg.sync.wire_dtype)
-    )
-    log.info(
-        "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s "
-        "(world size %d)",
-        len(learners),
-        len(rollouts),
-        len(rewards),
-        backend,
-        sync_world,
-    )
-    return Cluster(learners, rollouts, rewards, pg, sync_plan)
+    results = []
+    for name, ref in calls:
+        try:
+            results.append(ray.get(ref))
+        except RayActorError as err:
+            raise ActorDiedError(f"{stage}: {name} died: {err}") from err
+        except Exception as err:
+            err.add_note(f"(raised by {name} during {stage})")
+            raise
+    return results
 
 
-def rollout_engine_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+def _engine_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """Engine options of the configured backend (the vLLM section for vLLM; HF takes none)."""
-    return {"vllm": cfg.rollout.vllm} if cfg.rollout.backend == "vllm" else {}
+    return {"vllm": cfg.rollout.vllm} if cfg.rollout.backend == Backend.vllm else {}
 
 
-def _node_address() -> tuple[str, int]:
-    from gmai_rl.sync.group import find_free_port, node_ip_address
+def _node_address() -> tuple[str, int, int]:
+    """This node's address as Ray sees it, and two ports free on it right now."""
+    import ray.util
 
-    return node_ip_address(), find_free_port()
+    from gmai_rl.sync.group import find_free_ports
+
+    master_port, sync_port = find_free_ports(2)
+    return ray.util.get_node_ip_address(), master_port, sync_port

@@ -7,7 +7,18 @@ tested without the others. Tensors are built at the edges (the learner), never s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class StrChoice(StrEnum):
+    """Base of the configuration's choice fields: one of a fixed set of strings.
+
+    Hydra/OmegaConf take such a field by member name and reject anything else at start-up,
+    listing the allowed names. Members are str instances equal to their value, so the pure
+    functions that take plain strings accept them; str() and f-strings give the value.
+    """
+
 
 # A chat message as HF chat templates take it: {"role": ..., "content": str | list of parts}.
 Message = dict[str, Any]

@@ -10,18 +10,14 @@ import torch
 
 from gmai_rl.algo import policy_loss, token_logprobs
 from gmai_rl.data import load_mcq_jsonl
+from gmai_rl.feed import sft_samples
 from gmai_rl.learner.batching import plan_rank_batches
-from gmai_rl.learner.worker import (
-    Learner,
-    LearnerOptions,
-    LossOptions,
-    OptimOptions,
-    combine_rank_metrics,
-)
-from gmai_rl.loop import sft_samples
+from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
+from gmai_rl.learner.rank_metrics import combine_rank_metrics
+from gmai_rl.learner.worker import Learner
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.rollout.hf import vision_token_ids
+from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.group import find_free_port
 
 pytestmark = pytest.mark.integration
@@ -72,7 +68,13 @@ def start_ranks(model_dir, opts, loss=None, world=2):
         ray.remote(Learner)
         .options(num_cpus=1)
         .remote(
-            ModelOptions(model_dir), opts, loss or LossOptions(), rank, world, "127.0.0.1", port
+            ModelOptions(model_dir),
+            opts,
+            loss or LossOptions(kl_coef=0.0),
+            rank,
+            world,
+            "127.0.0.1",
+            port,
         )
         for rank in range(world)
     ]
@@ -90,7 +92,8 @@ def test_two_ranks_with_micro_batches_match_one_full_batch(
     local_ray, tiny_model_dir, samples, zero_stage
 ):
     expected = reference_grad_norm(tiny_model_dir, samples)
-    ranks = start_ranks(tiny_model_dir, LearnerOptions(zero_stage=zero_stage, micro_batch_size=2))
+    opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1)
+    ranks = start_ranks(tiny_model_dir, opts)
     try:
         metrics = train(ranks, samples)  # 3 micro-batches per rank
         assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
@@ -108,7 +111,7 @@ def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(
         tiny_model_dir, LearnerOptions(micro_batch_size=4), LossOptions(kl_coef=0.1)
     )
     try:
-        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2)) for r in ranks])
+        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
         first = train(ranks, samples)
         second = train(ranks, samples)
         assert first["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
@@ -117,7 +120,7 @@ def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(
             second["pg_loss"] + 0.1 * second["kl_loss"], rel=1e-4
         )
         # A new stage re-anchors the reference at the current policy (the RL start after SFT).
-        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2), True) for r in ranks])
+        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10), True) for r in ranks])
         assert train(ranks, samples)["ref_kl"] == pytest.approx(0.0, abs=1e-6)
     finally:
         for r in ranks:

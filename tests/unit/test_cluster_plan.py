@@ -1,9 +1,11 @@
-"""Placement-group bundle layout (pure)."""
+"""Placement-group bundle layout and work splitting (pure), and what the cluster decides from
+the config without Ray."""
 
 import pytest
 
-from gmai_rl.cluster import plan_bundles, sync_backend
+from gmai_rl.cluster import Cluster, contiguous_shares, plan_bundles, sync_backend
 from gmai_rl.config import ClusterConfig
+from support import train_config
 
 
 def test_separate_placement_gives_each_actor_its_bundle():
@@ -48,3 +50,22 @@ def test_colocated_actors_split_a_shared_bundle():
 def test_colocation_needs_one_worker_per_rank():
     with pytest.raises(ValueError, match="rollout_workers"):
         plan_bundles(ClusterConfig(learner_ranks=2, rollout_workers=3, colocate=True))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sleeps"),
+    [
+        (["rollout=vllm", "rollout.vllm.enable_sleep_mode=true", "cluster.colocate=true"], True),
+        (["rollout=vllm", "rollout.vllm.enable_sleep_mode=true"], False),  # own GPUs: keep them
+        (["rollout=vllm", "cluster.colocate=true"], False),  # sleep mode off
+        (["cluster.colocate=true"], False),  # HF engines have no sleep mode
+    ],
+)
+def test_only_colocated_vllm_engines_with_sleep_mode_sleep_during_training(overrides, sleeps):
+    cluster = Cluster(train_config(*overrides), [], [], [], None, [])
+    assert cluster.rollouts_sleep is sleeps
+
+
+def test_work_is_cut_into_contiguous_shares_in_worker_order():
+    assert contiguous_shares(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert contiguous_shares([1, 2], 3) == [[1], [2], []]

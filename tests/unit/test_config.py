@@ -9,11 +9,11 @@ import typing
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gmai_rl.config import TrainConfig, validate
 from gmai_rl.train import CONF_DIR, to_train_config
+from support import compose, train_config
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
@@ -29,14 +29,8 @@ def _select(group: str, option: str) -> str:
     return f"{'' if group in _default_groups() else '+'}{group}={option}"
 
 
-def compose_config(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["trainer.output_dir=/tmp/unused", *overrides])
-    return cfg
-
-
 def test_default_config_is_the_valid_demo():
-    cfg = to_train_config(compose_config())
+    cfg = train_config()
     validate(cfg)
     assert cfg.model.build_tiny_if_missing and cfg.data.synthetic is not None
     assert cfg.cluster.learner_ranks == 2 and cfg.cluster.rollout_workers == 2
@@ -49,13 +43,13 @@ def test_default_config_is_the_valid_demo():
 )
 def test_every_group_option_composes_onto_the_schema(override):
     # gmai_reasoning10k (alone or inside a preset) leaves data.root for the user to set.
-    cfg = compose_config([override, "data.root=/data/gmai"])
+    cfg = compose(override, "data.root=/data/gmai")
     OmegaConf.to_object(cfg)  # type-checks every key against TrainConfig
 
 
 def test_unknown_key_fails_with_its_name():
     with pytest.raises(Exception, match="no_such_key"):
-        compose_config(["algo.no_such_key=1"])
+        compose("algo.no_such_key=1")
 
 
 def schema_classes(root=TrainConfig) -> list[type]:
@@ -93,21 +87,102 @@ def test_every_config_field_is_documented():
 
 
 def test_cross_field_rules_name_the_keys():
-    cfg = to_train_config(
-        compose_config(
-            ["rollout.samples_per_prompt=1", "algo.prompts_per_step=3", "algo.estimator=ppo"]
-        )
-    )
+    cfg = train_config("rollout.samples_per_prompt=1", "algo.prompts_per_step=3")
     with pytest.raises(ValueError) as err:
         validate(cfg)
     message = str(err.value)
     assert "rollout.samples_per_prompt=1" in message
-    assert "algo.estimator='ppo'" in message
     assert "algo.prompts_per_step" in message  # 3 x 1 samples do not split over 2 ranks
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("algo.estimator=ppo", "grpo, drgrpo, rloo"),
+        ("algo.loss.loss_agg=mean", "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"),
+        ("algo.loss.kl_estimator=k4", "k1, k2, k3"),
+        ("rollout.backend=sglang", "hf, vllm"),
+        ("data.on_error=ignore", "raise, skip"),
+        ("model.dtype=fp8", "float32, bfloat16, float16"),
+        ("cluster.placement_strategy=pack", "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
+    ],
+)
+def test_a_choice_outside_its_set_fails_at_start_up_listing_the_allowed_ones(override, allowed):
+    with pytest.raises(Exception) as err:  # hydra's override error, caused by OmegaConf's
+        train_config(override)
+    messages = f"{err.value}\n{err.value.__cause__}"
+    assert f"expected one of [{allowed}]" in messages
+    assert override.split("=")[0] in messages
+
+
+def test_choices_reach_the_pure_functions_as_their_plain_strings():
+    cfg = train_config(
+        "algo.loss.loss_agg=seq_mean_token_sum_norm", "algo.loss.norm_len=48", "algo.estimator=rloo"
+    )
+    assert cfg.algo.loss.loss_agg == "seq-mean-token-sum-norm" and cfg.algo.estimator == "rloo"
+    assert f"{cfg.algo.estimator}" == str(cfg.algo.estimator) == "rloo"
+    assert {"rloo": 1}[cfg.algo.estimator] == 1
+
+
+def test_the_choice_enums_list_exactly_what_the_pure_functions_take():
+    from gmai_rl.algo import AGG_MODES, ESTIMATORS, KL_ESTIMATORS
+    from gmai_rl.learner.options import Estimator, KLEstimator, LossAgg
+
+    assert [e.value for e in Estimator] == list(ESTIMATORS)
+    assert [e.value for e in LossAgg] == list(AGG_MODES)
+    assert [e.value for e in KLEstimator] == list(KL_ESTIMATORS)
+
+
+def test_the_wiring_follows_the_keys_it_names():
+    cfg = train_config("rollout.temperature=0.7", "trainer.seed=5", "trainer.steps=10")
+    assert cfg.algo.loss.temperature == 0.7 and cfg.learner.seed == 5
+    # Unset total_steps: the RL schedule spans every optimizer step of the stage.
+    assert cfg.rl_optim.total_steps == 10 * cfg.learner.num_minibatches * cfg.learner.ppo_epochs
+    assert cfg.sft_optim.total_steps == cfg.sft.steps
+    assert train_config("optim.total_steps=3").rl_optim.total_steps == 3
+
+
+# Keys a group option sets although the schema has the same default: they name the option
+# (zero2 is stage 2, hf is the hf backend, local_cpu has no GPUs) whatever the default becomes.
+DEFINING_KEYS = {
+    "learner/zero2.yaml": {"zero_stage"},
+    "rollout/hf.yaml": {"backend"},
+    "cluster/local_cpu.yaml": {"gpus_per_learner", "gpus_per_rollout_worker"},
+}
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_config_groups_hold_only_what_differs_from_the_schema_defaults():
+    """One source of defaults: the dataclasses. config.yaml holds no values; a group option
+    (other than the experiment/ recipes, which pin a whole recipe) only what differs."""
+    top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+    assert set(top) == {"defaults", "hydra"}
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    repeated = []
+    for path in sorted(CONF_DIR.glob("*/*.yaml")):
+        group = path.parent.name
+        if group == "experiment":
+            continue
+        defaults = dict(_flat(schema[group]))
+        option = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        allowed = DEFINING_KEYS.get(f"{group}/{path.name}", set())
+        repeated += [
+            f"{group}/{path.name}: {key}"
+            for key, value in _flat(option)
+            if key in defaults and defaults[key] == value and key not in allowed
+        ]
+    assert repeated == []
 
 
 def test_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = to_train_config(compose_config())
+    cfg = to_train_config(compose())
     assert Path(cfg.model.path).is_absolute() and Path(cfg.data.train).is_absolute()
     assert cfg.data.train.startswith(str(tmp_path))

@@ -499,3 +499,23 @@ def test_image_columns_are_not_decoded(tmp_path: Path) -> None:
 def test_unknown_dataset_name(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_mcq_dataset(tmp_path / "absent.jsonl")
+
+
+def test_public_api() -> None:
+    import gmai_rl.data as data
+
+    assert set(data.__all__) >= {
+        "load_mcq_jsonl",
+        "load_mcq_dataset",
+        "DataError",
+        "LoadReport",
+        "split_question_options",
+        "build_messages",
+        "build_prompt",
+        "format_question",
+        "sft_target",
+        "DEFAULT_SYSTEM_PROMPT",
+        "infer_modality",
+    }
+    assert all(hasattr(data, name) for name in data.__all__)
+    assert issubclass(data.DataError, ValueError)

@@ -1,19 +1,15 @@
-"""The driver's stages that need no cluster: sampling, refilling under the filter, advantages."""
+"""The driver's stages without Ray: sampling, refilling under the filter, advantages, metrics,
+and one whole `rl_step` against a fake cluster that records the order of its calls."""
 
 import pytest
 import torch
 
 from gmai_rl.config import AlgoConfig
-from gmai_rl.loop import (
-    CollectStats,
-    ItemSampler,
-    StageTimer,
-    collect_groups,
-    make_train_samples,
-    progress_line,
-    step_record,
-)
+from gmai_rl.feed import ItemSampler
+from gmai_rl.loop import collect_groups, make_train_samples, rl_step
+from gmai_rl.metrics import CollectStats, StageTimer, StepRecord, progress_line, step_metrics
 from gmai_rl.types import Completion, Group, MCQItem, Prompt
+from support import train_config
 
 
 def item(i: int) -> MCQItem:
@@ -55,7 +51,9 @@ def test_sampler_covers_every_item_once_per_epoch_and_is_seeded():
 def test_refill_replaces_filtered_groups_until_the_batch_is_full():
     rollout = FakeRollout(hard_every=2)  # half of every round is too hard
     sampler = ItemSampler([item(i) for i in range(100)], seed=0)
-    groups, stats = collect_groups(rollout, sampler, want=8, algo=AlgoConfig(max_refill_rounds=4))
+    groups, stats = collect_groups(
+        rollout, sampler, want=8, algo=AlgoConfig(accuracy_filter=True, max_refill_rounds=4)
+    )
     assert len(groups) == 8 and stats.padded_groups == 0
     assert all(g.rewards[0]["accuracy"] == 1.0 for g in groups)  # only mixed groups kept
     # Round 1 keeps 4 of 8; the refill oversamples the missing 4 by the keep rate 1/2.
@@ -66,7 +64,9 @@ def test_refill_replaces_filtered_groups_until_the_batch_is_full():
 def test_when_refills_run_out_the_batch_is_padded_and_says_so():
     rollout = FakeRollout(hard_every=1)  # everything too hard
     sampler = ItemSampler([item(i) for i in range(100)], seed=0)
-    groups, stats = collect_groups(rollout, sampler, want=4, algo=AlgoConfig(max_refill_rounds=2))
+    groups, stats = collect_groups(
+        rollout, sampler, want=4, algo=AlgoConfig(accuracy_filter=True, max_refill_rounds=2)
+    )
     assert len(groups) == 4 and stats.padded_groups == 4
     assert stats.rounds == 3 and stats.dropped_too_hard == stats.generated_groups
 
@@ -99,9 +99,8 @@ def test_step_record_reports_the_issue_metrics():
     stats = CollectStats(generated_groups=2, dropped_too_hard=1, rounds=1, all_groups=groups)
     timer = StageTimer()
     timer.seconds.update(generate=2.0, reward=0.1, train=1.0, sync=0.2)
-    record = step_record(
-        4, groups[:1], stats, {"loss": 0.1, "entropy": 1.2, "clip_frac": 0.0}, 5, timer
-    )
+    train_metrics = {"loss": 0.1, "entropy": 1.2, "clip_frac": 0.0}
+    record = step_metrics(4, StepRecord(groups[:1], stats, train_metrics, 5, timer))
     assert record["accuracy"] == 0.25 and record["format_rate"] == 1.0
     assert record["reward_mean"] == pytest.approx(0.75)
     assert record["groups_filtered_too_hard"] == 1 and record["groups_trained"] == 1
@@ -110,3 +109,51 @@ def test_step_record_reports_the_issue_metrics():
     )
     assert record["policy_version"] == 5 and record["time_sync_s"] == 0.2
     assert progress_line(record, 10).startswith("step 5/10 | reward 0.750")
+
+
+class FakeCluster:
+    """The `Cluster` methods an RL step calls, recording their order; rewards: the first
+    completion of every group is right."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.version = 7
+
+    def generate(self, prompts, n, sampling):
+        self.calls.append("generate")
+        return [
+            Group(p, [1], [Completion([1, 2], f"c{k}", [-0.1, -0.2]) for k in range(n)], 7)
+            for p in prompts
+        ]
+
+    def score(self, groups, items):
+        self.calls.append("score")
+        for g in groups:
+            g.rewards = [{"total": float(k == 0)} for k in range(len(g.completions))]
+
+    def sleep_rollouts(self):
+        self.calls.append("sleep")
+
+    def wake_rollouts(self):
+        self.calls.append("wake")
+
+    def train(self, samples, num_minibatches):
+        self.calls.append("train")
+        self.trained = samples
+        return {"loss": 0.5}
+
+    def sync_weights(self, verify):
+        self.calls.append("sync")
+        self.version += 1
+        return self.version
+
+
+def test_an_rl_step_trains_while_the_engines_sleep_and_wakes_them_before_the_push():
+    cfg = train_config("algo.prompts_per_step=3", "rollout.samples_per_prompt=4")
+    cluster = FakeCluster()
+    record = rl_step(cluster, ItemSampler([item(i) for i in range(10)], seed=0), cfg)
+    assert cluster.calls == ["generate", "score", "sleep", "train", "wake", "sync"]
+    assert len(record.groups) == 3 and len(cluster.trained) == 12
+    assert [s.advantage > 0 for s in cluster.trained[:4]] == [True, False, False, False]
+    assert record.policy_version == 8 and record.train_metrics == {"loss": 0.5}
+    assert step_metrics(0, record)["staleness_max"] == 0  # generated by version 7, pushed 8

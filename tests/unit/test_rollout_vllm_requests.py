@@ -18,7 +18,7 @@ import torch
 
 from gmai_rl.cluster import sync_ranks
 from gmai_rl.models.loading import ModelOptions, load_processor
-from gmai_rl.rollout.hf import stop_token_ids, vision_token_ids
+from gmai_rl.models.tokens import stop_token_ids, vision_token_ids
 from gmai_rl.rollout.vllm_requests import (
     IMAGE_PAD,
     build_request,
@@ -37,6 +37,7 @@ from gmai_rl.rollout.vllm_sync import (
 from gmai_rl.sync.buckets import plan_buckets, plan_fingerprint
 from gmai_rl.sync.weights import param_specs, push_weights
 from gmai_rl.types import Prompt, SamplingParams
+from support import train_config
 
 
 def test_the_vllm_modules_import_without_vllm():
@@ -129,10 +130,10 @@ def test_greedy_sampling_asks_vllm_for_one_sample():
 
 
 def test_the_banned_words_are_the_tokens_the_learner_masks(vl_processor):
-    from gmai_rl.rollout.hf import _VISION_SPECIAL_TOKENS
+    from gmai_rl.models.tokens import vision_tokens
 
     tokenizer = vl_processor.tokenizer
-    banned = [t for t in _VISION_SPECIAL_TOKENS if t in tokenizer.get_vocab()]
+    banned = vision_tokens(tokenizer)
     ids = [tokenizer.convert_tokens_to_ids(t) for t in banned]
     assert sorted(ids) == sorted(vision_token_ids(tokenizer)) and len(ids) == 5
     assert stop_token_ids(tokenizer) == sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), 0})
@@ -386,21 +387,10 @@ def test_a_tied_lm_head_gets_its_cpu_kernel_rebuilt_after_a_reload():
 # ------------------------------------------------------------------------------- config
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from gmai_rl.train import CONF_DIR, to_train_config
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=["trainer.output_dir=/tmp/unused", *overrides])
-    return to_train_config(cfg)
-
-
 def test_the_7b_preset_runs_vllm_on_the_gpu_node_in_bf16():
     from gmai_rl.config import validate
 
-    cfg = compose("+experiment=gmai_vl_r1_7b", "data.root=/data/gmai")
+    cfg = train_config("+experiment=gmai_vl_r1_7b", "data.root=/data/gmai")
     validate(cfg)
     assert cfg.rollout.backend == "vllm" and cfg.model.path.endswith("Qwen2.5-VL-7B-Instruct")
     assert cfg.cluster.gpus_per_rollout_worker == cfg.rollout.vllm.tensor_parallel_size == 1
@@ -412,12 +402,12 @@ def test_the_7b_preset_runs_vllm_on_the_gpu_node_in_bf16():
 def test_an_engine_must_fit_its_bundle():
     from gmai_rl.config import validate
 
-    cfg = compose(
+    cfg = train_config(
         "+experiment=gmai_vl_r1_7b", "data.root=/d", "rollout.vllm.tensor_parallel_size=2"
     )
     with pytest.raises(ValueError, match="tensor_parallel_size=2 must equal"):
         validate(cfg)
-    cfg = compose(
+    cfg = train_config(
         "+experiment=gmai_vl_r1_7b",
         "data.root=/d",
         "rollout.vllm.tensor_parallel_size=2",

@@ -10,31 +10,20 @@ numerically that both engines now sample from the learner's policy.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from gmai_rl.algo import token_logprobs
-from gmai_rl.cluster import init_ray, start_cluster
 from gmai_rl.data import build_prompt, load_mcq_jsonl
-from gmai_rl.loop import (
-    ItemSampler,
-    StageTimer,
-    collect_groups,
-    evaluate,
-    load_datasets,
-    make_train_samples,
-    rollout_fn,
-    sync_weights,
-    train,
-)
+from gmai_rl.feed import ItemSampler, load_datasets
+from gmai_rl.loop import evaluate, rl_step
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import load_model, load_processor
-from gmai_rl.rollout.hf import vision_token_ids
-from gmai_rl.train import CONF_DIR, to_train_config
+from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.types import SamplingParams, TrainSample
+from support import LENGTH_REWARD, running_cluster, train_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 ray = pytest.importorskip("ray")
@@ -43,83 +32,70 @@ ATOL = 2e-4  # fp32 engines vs the learner's weights in HF (see test_vllm_engine
 
 
 def text_config(model_dir: str, data_dir: Path, out_dir: Path):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "rollout=vllm",
-                f"model.path={model_dir}",
-                "model.build_tiny_if_missing=false",
-                "model.dtype=float32",
-                "data.synthetic=null",
-                f"data.train={data_dir / 'train.jsonl'}",
-                f"data.eval={data_dir / 'eval.jsonl'}",
-                f"data.sft={data_dir / 'sft.jsonl'}",
-                f"trainer.output_dir={out_dir}",
-                "cluster.learner_ranks=1",
-                "cluster.rollout_workers=2",
-                "algo.prompts_per_step=4",
-                "algo.max_refill_rounds=0",
-                "algo.accuracy_filter=false",
-                "rollout.samples_per_prompt=4",
-                "rollout.max_new_tokens=16",
-                "rollout.vllm.enforce_eager=true",
-                "rollout.vllm.max_model_len=1024",
-                "rollout.vllm.kv_cache_memory_mb=64",
-                "learner.micro_batch_size=16",
-                "sft.enabled=false",
-                "sync.verify=true",
-                "sync.timeout_s=180",
-                # A random model never answers in format: a length reward varies instead.
-                "reward.fn=vllm_test_rewards:length_reward",
-            ],
-        )
-    return to_train_config(cfg)
+    return train_config(
+        "rollout=vllm",
+        f"model.path={model_dir}",
+        "model.build_tiny_if_missing=false",
+        "data.synthetic=null",
+        f"data.train={data_dir / 'train.jsonl'}",
+        f"data.eval={data_dir / 'eval.jsonl'}",
+        f"data.sft={data_dir / 'sft.jsonl'}",
+        f"trainer.output_dir={out_dir}",
+        "cluster.learner_ranks=1",
+        "cluster.rollout_workers=2",
+        "algo.prompts_per_step=4",
+        "algo.max_refill_rounds=0",
+        "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=16",
+        "rollout.vllm.enforce_eager=true",
+        "rollout.vllm.max_model_len=1024",
+        "rollout.vllm.kv_cache_memory_mb=64",
+        "learner.micro_batch_size=16",
+        "learner.num_minibatches=1",
+        "sft.enabled=false",
+        "sync.verify=true",
+        "sync.timeout_s=180",
+        # A random model never answers in format: a length reward varies instead.
+        f"reward.fn={LENGTH_REWARD}",
+    )
 
 
 @pytest.fixture(scope="module")
 def trainer(text_model_dir, text_mcq_dir, tmp_path_factory):
     cfg = text_config(text_model_dir, text_mcq_dir, tmp_path_factory.mktemp("run"))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)  # for the Ray workers
-    init_ray(cfg)
-    cluster = start_cluster(cfg)
-    yield cfg, cluster
-    cluster.shutdown()
-    ray.shutdown()
-    mp.undo()
+    with running_cluster(cfg) as cluster:
+        yield cfg, cluster
 
 
 def test_each_vllm_engine_is_one_sync_member(trainer):
     _, cluster = trainer
     assert ray.get([r.sync_members.remote() for r in cluster.rollouts]) == [1, 1]
-    assert ray.get([r.get_policy_version.remote() for r in cluster.rollouts]) == [0, 0]
+    assert cluster.policy_version() == 0
 
 
 def test_grpo_steps_advance_the_policy_on_every_engine(trainer):
     cfg, cluster = trainer
     sampler = ItemSampler(load_datasets(cfg).train, seed=0)
     for step in range(2):
-        groups, _ = collect_groups(
-            rollout_fn(cluster, cfg, StageTimer()), sampler, cfg.algo.prompts_per_step, cfg.algo
-        )
+        # sync.verify: raises if a checksum differs. The learner re-encodes each prompt and
+        # checks it equals vLLM's prompt ids.
+        record = rl_step(cluster, sampler, cfg)
+        groups = record.groups
         assert len(groups) == 4 and {g.policy_version for g in groups} == {step}  # on-policy
         assert all(len(c.logprobs) == len(c.token_ids) for g in groups for c in g.completions)
         rewards = [r["total"] for g in groups for r in g.rewards]
         assert len(rewards) == 16 and all(math.isfinite(r) for r in rewards)
-        # The learner re-encodes each prompt and checks it equals vLLM's prompt ids.
-        metrics = train(cluster, make_train_samples(groups, "grpo"), num_minibatches=1)
-        assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-        assert sync_weights(cluster, verify=True) == step + 1  # raises if a checksum differs
+        assert math.isfinite(record.train_metrics["loss"])
+        assert math.isfinite(record.train_metrics["grad_norm"])
+        assert record.policy_version == step + 1
 
 
 def test_the_engines_sample_from_the_learners_weights(trainer):
     cfg, cluster = trainer
-    (weights,) = ray.get([cluster.learners[0].named_parameters.remote()])
     model = load_model(cfg.model).eval()
-    model.load_state_dict(dict(weights), strict=False)  # tied lm_head is not a parameter
+    model.load_state_dict(
+        cluster.learner_weights(), strict=False
+    )  # tied lm_head is not a parameter
     processor = load_processor(cfg.model)
     items = load_mcq_jsonl(cfg.data.eval)[:2]
     sampling = SamplingParams(1.0, 1.0, 16, seed=0)

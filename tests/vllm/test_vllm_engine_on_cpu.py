@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from gmai_rl.algo import token_logprobs
-from gmai_rl.config import VLLMConfig
 from gmai_rl.data import build_prompt, load_mcq_jsonl
 from gmai_rl.models.inputs import build_policy_batch, completion_logits, encode_prompts
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.rollout.hf import HFEngine, stop_token_ids, vision_token_ids
+from gmai_rl.models.tokens import stop_token_ids, vision_token_ids
+from gmai_rl.rollout.hf import HFEngine
+from gmai_rl.rollout.options import VLLMOptions
 from gmai_rl.rollout.worker import RolloutWorker
 from gmai_rl.sync import find_free_port, init_sync_group, param_specs, plan_buckets, push_weights
 from gmai_rl.types import Group, SamplingParams, TrainSample
@@ -39,7 +40,7 @@ def options(text_model_dir) -> ModelOptions:
 
 @pytest.fixture(scope="module")
 def worker(options):
-    config = VLLMConfig(enforce_eager=True, max_model_len=1024, kv_cache_memory_mb=64)
+    config = VLLMOptions(enforce_eager=True, max_model_len=1024, kv_cache_memory_mb=64)
     rollout = RolloutWorker("vllm", options, seed=0, engine_kwargs={"vllm": config})
     yield rollout
     rollout.shutdown()

@@ -52,7 +52,7 @@ def group_advantages(
     if n < 2:
         raise ValueError(
             f"group advantages need at least 2 samples per prompt, got n={n}: with one sample "
-            "there is no baseline to compare against (set the rollout's n_samples_per_prompt >= 2)"
+            "there is no baseline to compare against (set rollout.samples_per_prompt >= 2)"
         )
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.get_default_dtype())

@@ -16,88 +16,25 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from gmai_rl.algo import entropy_from_logits, policy_loss, token_logprobs
 from gmai_rl.learner.batching import RankBatch, chunk
+from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
+from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.rollout.hf import vision_token_ids
+from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
-from gmai_rl.sync.group import SyncGroup, find_free_port, init_sync_group, node_ip_address
+from gmai_rl.sync.group import SyncGroup, init_sync_group
 from gmai_rl.sync.weights import param_specs, push_weights
 from gmai_rl.types import TrainSample
 
 log = logging.getLogger(__name__)
-
-_LOSS_TERMS = ("loss", "pg_loss", "kl_loss")
-_GLOBAL_TERMS = ("grad_norm", "lr", "optim_steps")
-
-
-@dataclass
-class OptimOptions:
-    lr: float = 1e-6
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW moment decay rates."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
-    total_steps: int = 1000
-    """Optimizer steps over which the rate decays (cosine) to min_lr_ratio * lr."""
-    min_lr_ratio: float = 0.1
-    """Floor of the cosine decay, as a fraction of lr."""
-
-
-@dataclass
-class LossOptions:
-    clip_eps_low: float = 0.2
-    """The ratio is clipped below at 1 - clip_eps_low."""
-    clip_eps_high: float = 0.28
-    """... and above at 1 + clip_eps_high (DAPO clip-higher when larger than the low bound)."""
-    dual_clip_c: float | None = None
-    """Dual-clip bound c > 1 on the loss of negative-advantage tokens; null disables it."""
-    loss_agg: str = "token-mean"
-    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr.GRPO)."""
-    norm_len: float | None = None
-    """Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); usually max_new_tokens."""
-    kl_coef: float = 0.0
-    """Weight of the KL to the reference policy; 0 loads no reference at all."""
-    kl_estimator: str = "k3"
-    """k1, k2 or k3 (Schulman's unbiased, non-negative estimator)."""
-    temperature: float = 1.0
-    """The rollout's sampling temperature: log-probs are scored under the same distribution."""
-    use_rollout_logprobs: bool = False
-    """Take old log-probs from the rollout engine instead of recomputing them here."""
-
-
-@dataclass
-class LearnerOptions:
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 2 shards gradients and optimizer state, 3 also the parameters."""
-    micro_batch_size: int = 8
-    """Samples per forward/backward pass on one rank."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
-    num_minibatches: int = 1
-    """Optimizer steps per pass over a rollout batch."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    bf16: bool = False
-    """Train in bf16 with fp32 master weights (GPU)."""
-    offload_optimizer: bool = False
-    """ZeRO-Offload: keep optimizer state in CPU memory."""
-    seed: int = 0
-    """Seed of torch on every rank (dropout, if the model has any)."""
-    torch_threads: int = 1
-    """Intra-op threads of this process on CPU (keep ranks x threads <= cores)."""
-    logprob_chunk_size: int = 512
-    """Positions per chunk in the vocabulary-sized log-prob and entropy computations."""
 
 
 def deepspeed_config(opts: LearnerOptions, world_size: int) -> dict[str, Any]:
@@ -202,7 +139,7 @@ class Learner:
             self.reference, *_ = deepspeed.initialize(
                 model=reference.eval(), config=reference_config(learner, world_size)
             )
-        self.optim = OptimOptions()
+        self.optim = OptimOptions(total_steps=1)  # the default rate until start_stage
         self.optim_step = 0
         self.sync_group: SyncGroup | None = None
 
@@ -215,6 +152,8 @@ class Learner:
         anchored to where it starts (the SFT model), not to the checkpoint loaded before SFT.
         Every rank calls it (a collective under ZeRO-3).
         """
+        if optim.total_steps is None:
+            raise ValueError("start_stage needs total_steps: resolve it with optim.for_stage(n)")
         self.optim, self.optim_step = optim, 0
         for group in self.optimizer.param_groups:
             group["weight_decay"] = optim.weight_decay
@@ -280,7 +219,8 @@ class Learner:
     def train_rl(self, plan: RankBatch) -> dict[str, float]:
         """PPO epochs over this rank's share of a rollout batch.
 
-        Returns this rank's metric sums; `combine_rank_metrics` turns the ranks' sums into means.
+        Returns this rank's metric sums; `rank_metrics.combine_rank_metrics` turns the ranks'
+        sums into means.
         """
         self.engine.train()
         lo = self.loss_opts
@@ -306,7 +246,7 @@ class Learner:
                 micros = chunk(samples, self.opts.micro_batch_size)
                 for i, micro in enumerate(micros):
                     self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-                    _accumulate(sums, self._rl_micro_step(micro, old, n_tok, n_seq))
+                    accumulate(sums, self._rl_micro_step(micro, old, n_tok, n_seq))
                 self.engine.step()
                 self.optim_step += 1
                 sums["grad_norm"] += _grad_norm(self.engine)
@@ -350,9 +290,9 @@ class Learner:
                 logits.detach(), lo.temperature, chunk_size=self.opts.logprob_chunk_size
             )
         tokens = float(mask.sum())
-        sums = {k: float(v) for k, v in metrics.items() if k in _LOSS_TERMS}
+        sums = {k: float(v) for k, v in metrics.items() if k in LOSS_TERMS}
         for k, v in metrics.items():
-            if k in _LOSS_TERMS or k == "num_tokens":
+            if k in LOSS_TERMS or k == "num_tokens":
                 continue
             # Extremes combine by min/max; per-token means are weighted by this micro-batch's tokens.
             sums[k] = float(v) if k.endswith(("_min", "_max")) else float(v) * tokens
@@ -387,10 +327,6 @@ class Learner:
         """The bucket plan of this policy's parameters (same on every rank)."""
         specs = param_specs(self.engine.module.named_parameters(), wire_dtype)
         return plan_buckets(specs, max_bucket_bytes)
-
-    def sync_address(self) -> tuple[str, int]:
-        """Host and a free port on this node for the sync group's store (call on rank 0)."""
-        return node_ip_address(), find_free_port()
 
     def join_sync_group(
         self, host: str, port: int, world_size: int, backend: str, timeout_s: float
@@ -439,38 +375,3 @@ def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def _grad_norm(engine: Any) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
-
-
-def _accumulate(sums: dict[str, float], new: dict[str, float]) -> None:
-    for k, v in new.items():
-        if k.endswith("_min"):
-            sums[k] = min(sums.get(k, v), v)
-        elif k.endswith("_max"):
-            sums[k] = max(sums.get(k, v), v)
-        else:
-            sums[k] = sums.get(k, 0.0) + v
-
-
-def combine_rank_metrics(ranks: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Means over a training step from the ranks' `train_rl` sums.
-
-    Loss terms are each rank's share of a globally normalised sum: they add up over ranks and are
-    averaged over optimizer steps. grad_norm and lr are global: rank 0's, averaged over steps.
-    Token metrics are token-weighted means; *_min / *_max are extremes.
-    """
-    total: dict[str, float] = {}
-    for rank in ranks:
-        _accumulate(total, {k: v for k, v in rank.items() if k not in _GLOBAL_TERMS})
-    steps = max(ranks[0].get("optim_steps", 1.0), 1.0)
-    tokens = max(total.pop("tokens", 0.0), 1.0)
-    out = {k: ranks[0][k] / steps for k in ("grad_norm", "lr") if k in ranks[0]}
-    for k, v in total.items():
-        if k in _LOSS_TERMS:
-            out[k] = v / steps
-        elif k.endswith(("_min", "_max")):
-            out[k] = v
-        else:
-            out[k] = v / tokens
-    out["train_tokens"] = tokens
-    out["optim_steps"] = steps
-    return out

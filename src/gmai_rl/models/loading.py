@@ -11,7 +11,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from gmai_rl.types import StrChoice
+
 log = logging.getLogger(__name__)
+
+
+class Dtype(StrChoice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
 
 # Parameter-name prefixes of the vision tower in the architectures we support.
 _VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_tower.")
@@ -21,7 +30,7 @@ _VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_t
 class ModelOptions:
     path: str
     """Local folder or hub name of an HF checkpoint."""
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     """Weights' dtype: float32, bfloat16 or float16."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2"...; None lets transformers choose."""

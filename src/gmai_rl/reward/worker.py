@@ -61,6 +61,9 @@ class RewardWorker:
         self.source = reward_fn or "mcq_reward"
         self.fn = resolve_reward_fn(reward_fn) if reward_fn else mcq_rule(format_weight)
 
+    def ping(self) -> str:
+        return self.source
+
     def score(self, pairs: Sequence[tuple[str, MCQItem]]) -> list[dict[str, float]]:
         """One breakdown per (completion text, item) pair, in order."""
         return [check_breakdown(self.fn(text, item), self.source) for text, item in pairs]

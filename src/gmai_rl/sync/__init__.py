@@ -6,8 +6,7 @@
 - `weights`: `push_weights` (every learner rank; ZeRO-3 gathers bucket by bucket),
   `receive_weights` (each rollout worker, an iterator for the engine's loader), checksums.
 
-Importing this package loads torch only: DeepSpeed is imported when a ZeRO-3 push runs, Ray when
-`node_ip_address()` is called.
+Importing this package loads torch only (DeepSpeed is imported when a ZeRO-3 push runs); no Ray.
 """
 
 from gmai_rl.sync.buckets import (
@@ -24,7 +23,6 @@ from gmai_rl.sync.group import (
     SyncGroupError,
     find_free_port,
     init_sync_group,
-    node_ip_address,
 )
 from gmai_rl.sync.weights import (
     PlanMismatchError,
@@ -47,7 +45,6 @@ __all__ = [
     "find_free_port",
     "flatten",
     "init_sync_group",
-    "node_ip_address",
     "param_specs",
     "plan_buckets",
     "plan_fingerprint",

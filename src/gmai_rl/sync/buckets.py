@@ -42,7 +42,8 @@ DEFAULT_BUCKET_BYTES = 256 * 1024**2
 
 def dtype_name(dtype: torch.dtype | str) -> str:
     """The plan's name for a dtype: torch.bfloat16 -> "bfloat16"; a known name passes through."""
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    # str(): a plain string also for the config's dtype choices (str subclasses).
+    name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
     return name

@@ -1,35 +1,15 @@
-"""The weight-sync process group: learner rank 0 (group rank 0) + W rollout workers (ranks 1..W).
+"""The weight-sync process group: learner rank 0 (group rank 0) + the rollout engines' members.
 
-Every member already lives in some other torch.distributed world (DeepSpeed's learner group,
-vLLM's world-size-1 group inside its worker), and `init_process_group` can only make one default
-group per process. So the sync group is built without the default group and without touching
-torch.distributed's global state: a dedicated `TCPStore` (hosted by rank 0) for the rendezvous
-and a backend object (`ProcessGroupGloo` / `ProcessGroupNCCL`) constructed on it directly. That is
-the approach of vLLM's `StatelessProcessGroup` + `PyNcclCommunicator` and of OpenRLHF's
-`stateless_init_process_group`, here with torch's own NCCL binding instead of vLLM's ctypes one,
-so it works the same in the learner (no vLLM) and in a vLLM worker. PyTorch's c10d tests
-build backends this way (`c10d.ProcessGroupNCCL(store, rank, size)`).
-
-Collectives go through the backend's list API (`pg.broadcast([t], opts).wait()`), never through
-`torch.distributed.broadcast(group=...)`, which would require the group to be registered with
-the default world.
-
-Timeouts (measured on torch 2.14 / gloo, see tests/integration/test_sync_processes.py):
-- a rank-0 store waits for all W clients for ~timeout_s + 1 s, then fails naming how many joined;
-- a client polls for rank 0's store for timeout_s, then fails (TCPStore's own retry loop is
-  bypassed: its random backoff makes late connects slow and its bound ~2 x timeout_s);
-- building the gloo group when a peer joined the store but not the group: timeout_s;
-- a broadcast whose peer never calls it: timeout_s, after which gloo closes the pair and every
-  later collective on the group fails at once. A group that timed out is dead: destroy it and
-  build a new one (new port).
-Every such failure is re-raised as `SyncGroupError` naming host:port, rank, world size, timeout.
-NCCL: connection setup is bounded the same way (store); a collective that never completes is
-aborted by torch's NCCL watchdog after timeout_s, which by default tears the process down
-(`TORCH_NCCL_ASYNC_ERROR_HANDLING`), not a Python exception.
+Built beside each member's own torch.distributed world, without the default group: a dedicated
+`TCPStore` hosted by rank 0 and a gloo or NCCL backend object constructed on it, used through the
+backend's list API. Every wait is bounded by `timeout_s`, and every failure is re-raised as
+`SyncGroupError` naming host:port, rank, world size and timeout; a group that timed out is dead
+(build a new one). Why this shape, and the measured timeouts: docs/weight-sync.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import socket
 import time
@@ -47,29 +27,27 @@ class SyncGroupError(RuntimeError):
     """A sync-group rendezvous or collective failed (usually: a peer did not show up in time)."""
 
 
-def find_free_port() -> int:
-    """A TCP port that is free on this node right now (bind to port 0, read it, release it).
+def find_free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that are free on this node right now (bound to port 0 all at
+    once, read, released).
 
-    Call it on the node that will host rank 0's store. Another process can grab the port between
+    Call it on the node that will host rank 0's store. Another process can grab a port between
     this call and the store's bind; the store then fails with "address already in use": retry
     with a new port.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind(("", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
-def node_ip_address() -> str:
-    """This node's IP address that other nodes can reach, for rank 0's store.
-
-    Ray's choice (`ray.util.get_node_ip_address()`), imported lazily so this module loads without
-    Ray; 127.0.0.1 where Ray is not installed (single-node use).
-    """
-    try:
-        import ray.util
-    except ImportError:
-        return "127.0.0.1"
-    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+def find_free_port() -> int:
+    """A TCP port that is free on this node right now (see `find_free_ports`)."""
+    return find_free_ports(1)[0]
 
 
 @dataclass
@@ -170,7 +148,7 @@ def init_sync_group(
     driver must launch all the calls before waiting on any.
 
     Args:
-        host: rank 0's address, reachable from every member (`node_ip_address()` on rank 0).
+        host: rank 0's address, reachable from every member (the cluster finds it on rank 0's node).
         port: a free port on rank 0's node (`find_free_port()` there); rank 0's store binds it.
         rank: 0 for the learner, 1..world_size-1 for rollout workers.
         world_size: 1 + number of rollout workers.

@@ -1,25 +1,10 @@
 """Send and receive policy weights over a `SyncGroup`, one bucket at a time.
 
-One sync, bucket by bucket (memory on each side bounded by one bucket plus its gathered params):
-
-    learner rank 0            other learner ranks (ZeRO-3)      each rollout worker
-    gather bucket k  <------> gather bucket k                   .
-    flatten, cast to wire                                       .
-    broadcast(flat) ------------------------------------------> broadcast(empty flat) -> yield
-    release bucket k <------> release bucket k                  tensors, loader copies them
-
-Under ZeRO-3 the parameters are partitioned across the learner ranks, and gathering them is a
-collective on the LEARNER group: every learner rank calls `push_weights` (same plan) and enters
-every bucket's gather, but only rank 0 holds a `SyncGroup` and broadcasts. Under ZeRO-0/1/2 every
-rank holds full parameters and the other ranks' `push_weights` returns at once.
-
-Before the buckets the sender broadcasts the plan's fingerprint: a receiver whose plan differs
-(other model, other wire dtype, other bucket size) fails with a clear error instead of loading
-garbage. The sender then blocks until its group times out.
-
-Verify mode: `tensor_checksum`/`checksums` are exact (sha256 of the bytes). `push_weights(...,
-verify=True)` returns the checksums of what was actually sent (after the cast to the wire
-dtype); a rollout worker computes `checksums` of what it loaded, and the caller compares.
+`push_weights` runs on every learner rank (under ZeRO-3 each bucket is gathered collectively;
+only rank 0 broadcasts), first the plan's fingerprint, then each bucket flattened and cast to the
+wire dtype. `receive_weights` is the receivers' iterator of (name, tensor) for the engine's loader,
+one bucket in memory at a time. `checksums` are exact (sha256 of the bytes), for verify mode.
+The design and its measurements: docs/weight-sync.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Time one weight push between local processes: `python -m gmai_rl.sync.bench`.
+"""Time one weight push between local processes: `python benchmarks/sync_bench.py`.
 
 A one-off measurement, not a test. One sender and `--receivers` receivers on this machine form a
 sync group; the sender holds `--params` parameters in tensors of `--tensor-numel` elements, and

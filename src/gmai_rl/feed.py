@@ -1,0 +1,114 @@
+"""What the driver feeds the stages: the datasets, an endless seeded item order, SFT samples.
+
+prepare_artifacts  the tiny model and synthetic data when the config asks for them and they
+                   are absent (the demo)
+load_datasets      train / held-out / SFT items from their JSONL files
+ItemSampler        draws without replacement, reshuffled every epoch (RL prompts, SFT batches)
+sft_samples        items as learner samples: prompt + reference reasoning and answer
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from gmai_rl.config import TrainConfig
+from gmai_rl.data import build_prompt, load_mcq_jsonl, sft_target
+from gmai_rl.models.tokens import end_of_turn_id
+from gmai_rl.types import MCQItem, TrainSample
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def prepare_artifacts(cfg: TrainConfig) -> None:
+    """Build the offline tiny model and the synthetic dataset when configured and missing."""
+    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.path) / "config.json").exists():
+        from gmai_rl.models.tiny import make_tiny_model
+
+        log.info("building the tiny offline model at %s", cfg.model.path)
+        make_tiny_model(cfg.model.path, seed=cfg.trainer.seed)
+    syn = cfg.data.synthetic
+    if syn is not None and not (Path(syn.dir) / "train.jsonl").exists():
+        from gmai_rl.data.synthetic import write_synthetic_dataset
+
+        log.info("writing the synthetic dataset to %s", syn.dir)
+        write_synthetic_dataset(
+            syn.dir,
+            n_train=syn.n_train,
+            n_eval=syn.n_eval,
+            seed=syn.seed,
+            tasks=syn.tasks,
+            image_size=syn.image_size,
+            shuffle_options=syn.shuffle_options,
+            sft_answers=syn.sft_answers.value,
+        )
+
+
+@dataclass
+class Datasets:
+    train: list[MCQItem]
+    eval: list[MCQItem] = field(default_factory=list)
+    sft: list[MCQItem] = field(default_factory=list)
+
+
+def load_datasets(cfg: TrainConfig) -> Datasets:
+    d = cfg.data
+
+    def load(path: str) -> list[MCQItem]:
+        return load_mcq_jsonl(path, image_root=d.image_root, on_error=d.on_error)
+
+    data = Datasets(train=load(d.train))
+    if d.eval:
+        data.eval = load(d.eval)[: d.max_eval_items]
+    if cfg.sft.enabled and d.sft:
+        data.sft = load(d.sft)
+        missing = [item.source for item in data.sft if item.reasoning is None]
+        if missing:
+            raise ValueError(f"SFT records need reasoning; none in {missing[:3]} ...")
+    log.info(
+        "data: %d train, %d eval, %d sft items", len(data.train), len(data.eval), len(data.sft)
+    )
+    return data
+
+
+class ItemSampler(Generic[T]):
+    """Endless draws without replacement, reshuffled every epoch (seeded)."""
+
+    def __init__(self, items: Sequence[T], seed: int) -> None:
+        if not items:
+            raise ValueError("no items to sample from")
+        self.items = list(items)
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.epoch = 0
+
+    def take(self, k: int) -> list[T]:
+        out: list[T] = []
+        while len(out) < k:
+            if not self.order:
+                self.order = list(range(len(self.items)))
+                self.rng.shuffle(self.order)
+                self.epoch += 1
+            out.append(self.items[self.order.pop()])
+        return out
+
+
+def sft_samples(
+    items: Sequence[MCQItem], tokenizer: Any, system_prompt: str | None
+) -> list[TrainSample]:
+    """Prompt + reference "<think>..</think><answer>X</answer><|im_end|>" as a learner sample."""
+    end_of_turn = end_of_turn_id(tokenizer)
+    return [
+        TrainSample(
+            build_prompt(item, system_prompt),
+            [],
+            [*tokenizer.encode(sft_target(item), add_special_tokens=False), end_of_turn],
+        )
+        for item in items
+    ]
