@@ -34,7 +34,7 @@ from gmai_rl.config import ClusterConfig, TrainConfig
 from gmai_rl.learner.batching import plan_rank_batches, split_even
 from gmai_rl.learner.options import OptimOptions
 from gmai_rl.learner.rank_metrics import combine_rank_metrics, combine_sft_metrics
-from gmai_rl.rollout.options import Backend
+from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams, TrainSample
 
@@ -182,6 +182,10 @@ class Cluster:
         self.learners, self.rollouts, self.rewards = learners, rollouts, rewards
         self.placement_group = placement_group
         self.sync_plan = sync_plan
+        """Every parameter of the policy."""
+        self.trainable_plan = sync_plan
+        """The parameters training changes: after the first push, the only ones that travel."""
+        self.frozen_pushed = False
         self.timeout_s = cfg.cluster.call_timeout_s
         # Colocated vLLM engines give their GPU memory back while the learners train.
         self.rollouts_sleep = (
@@ -189,6 +193,8 @@ class Cluster:
             and cfg.rollout.backend == Backend.vllm
             and cfg.rollout.vllm.enable_sleep_mode
         )
+        # Level-2 sleep discards the engines' weights, frozen ones included: every push is whole.
+        self.resend_frozen = self.rollouts_sleep and cfg.rollout.vllm.sleep_level >= 2
 
     # ------------------------------------------------------------------------ start, stop
 
@@ -229,35 +235,57 @@ class Cluster:
             "start", [("probe", probe.remote())], timeout
         )
         world = cfg.cluster.learner_ranks
-        learner_cls = ray.remote(Learner)
-        learners = [
-            learner_cls.options(**in_bundle(b, plan.learner_resources)).remote(
-                cfg.model, cfg.learner, cfg.algo.loss, rank, world, master_addr, master_port
-            )
-            for rank, b in enumerate(plan.learner_bundles)
-        ]
-        rollout_cls = ray.remote(RolloutWorker)
-        rollouts = [
-            rollout_cls.options(**in_bundle(b, plan.rollout_resources)).remote(
-                cfg.rollout.backend,
-                cfg.model,
-                device=cfg.rollout.device,
-                torch_threads=cfg.rollout.torch_threads,
-                max_batch_prompts=cfg.rollout.max_batch_prompts,
-                seed=cfg.trainer.seed + 1000 * (i + 1),
-                engine_kwargs=_engine_kwargs(cfg),
-            )
-            for i, b in enumerate(plan.rollout_bundles)
-        ]
+
+        def start_learners() -> list[Any]:
+            learner_cls = ray.remote(Learner)
+            return [
+                learner_cls.options(**in_bundle(b, plan.learner_resources)).remote(
+                    cfg.model,
+                    cfg.learner,
+                    cfg.algo.loss,
+                    rank,
+                    world,
+                    master_addr,
+                    master_port,
+                    use_gpu=cfg.cluster.gpus_per_learner > 0,
+                )
+                for rank, b in enumerate(plan.learner_bundles)
+            ]
+
+        def start_rollouts() -> list[Any]:
+            rollout_cls = ray.remote(RolloutWorker)
+            return [
+                rollout_cls.options(**in_bundle(b, plan.rollout_resources)).remote(
+                    cfg.rollout.backend,
+                    cfg.model,
+                    device=rollout_device(cfg),
+                    torch_threads=cfg.rollout.torch_threads,
+                    max_batch_prompts=cfg.rollout.max_batch_prompts,
+                    seed=cfg.trainer.seed + 1000 * (i + 1),
+                    engine_kwargs=_engine_kwargs(cfg),
+                )
+                for i, b in enumerate(plan.rollout_bundles)
+            ]
+
         reward_cls = ray.remote(RewardWorker)
         rewards = [
             reward_cls.options(num_cpus=0.5).remote(cfg.reward.fn, cfg.reward.format_weight)
             for _ in range(cfg.reward.num_workers)
         ]
-        cluster = cls(cfg, learners, rollouts, rewards, pg, [])
+        cluster = cls(cfg, [], [], rewards, pg, [])
         # Wait for every actor's constructor (model loading, DeepSpeed init) before wiring the sync.
+        if cluster.rollouts_sleep:
+            # A colocated vLLM engine checks at start-up that its share of the GPU is free, so it
+            # starts before the learners take memory there, then sleeps until the first push.
+            cluster.rollouts = start_rollouts()
+            _await("start", cluster._calls(cluster.rollouts, "rollout worker", "ping"), timeout)
+            cluster.sleep_rollouts()
+            cluster.learners = start_learners()
+        else:
+            cluster.learners, cluster.rollouts = start_learners(), start_rollouts()
+        learners, rollouts = cluster.learners, cluster.rollouts
         _await("start", cluster._calls(learners, "learner rank", "ping"), timeout)
-        _await("start", cluster._calls(rollouts, "rollout worker", "get_policy_version"), timeout)
+        _await("start", cluster._calls(rollouts, "rollout worker", "ping"), timeout)
         _await("start", cluster._calls(rewards, "reward worker", "ping"), timeout)
 
         host, port = master_addr, sync_port
@@ -281,13 +309,12 @@ class Cluster:
         ]
         _await("start: joining the weight-sync group", joins, timeout)
         wire_dtype = str(cfg.sync.wire_dtype) if cfg.sync.wire_dtype else None
-        ((cluster.sync_plan),) = _await(
+        bucket_bytes = cfg.sync.bucket_mb * 2**20
+        cluster.sync_plan, cluster.trainable_plan = _await(
             "start",
             [
-                (
-                    "learner rank 0",
-                    learners[0].sync_plan.remote(cfg.sync.bucket_mb * 2**20, wire_dtype),
-                )
+                ("learner rank 0", learners[0].sync_plan.remote(bucket_bytes, wire_dtype)),
+                ("learner rank 0", learners[0].sync_plan.remote(bucket_bytes, wire_dtype, True)),
             ],
             timeout,
         )
@@ -366,16 +393,23 @@ class Cluster:
         ]
         return combine_sft_metrics(self._await("sft", calls))
 
+    def push_plan(self) -> list[Bucket]:
+        """What the next push carries: every parameter the first time (and whenever the engines
+        may have lost their frozen weights), then only the trainable ones, since frozen
+        parameters (a frozen vision tower: ~0.67B at 7B) never change."""
+        if self.frozen_pushed and not self.resend_frozen:
+            return self.trainable_plan
+        return self.sync_plan
+
     def sync_weights(self, verify: bool) -> int:
         """Push the learner's weights to every rollout worker; returns the new policy version.
 
         All sends and receives are launched before any is awaited: each blocks on the others.
         With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
         """
-        pushes = self._calls(self.learners, "learner rank", "push_weights", self.sync_plan, verify)
-        receipts = self._calls(
-            self.rollouts, "rollout worker", "receive_weights", self.sync_plan, verify
-        )
+        plan = self.push_plan()
+        pushes = self._calls(self.learners, "learner rank", "push_weights", plan, verify)
+        receipts = self._calls(self.rollouts, "rollout worker", "receive_weights", plan, verify)
         results = self._await("weight sync", pushes + receipts)
         sent, received = results[0], results[len(pushes) :]
         versions = {r["version"] for r in received}
@@ -394,6 +428,7 @@ class Cluster:
                     raise RuntimeError(
                         f"rollout worker {i}: weights differ from the learner's: {bad[:5]}"
                     )
+        self.frozen_pushed = True
         return versions.pop()
 
     def sleep_rollouts(self) -> None:
@@ -469,6 +504,14 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
             err.add_note(f"(raised by {name} during {stage})")
             raise
     return results
+
+
+def rollout_device(cfg: TrainConfig) -> str:
+    """The rollout workers' torch device: `rollout.device`, with auto meaning what the placement
+    gives them (cuda with GPUs in their bundle, else cpu), never what a node happens to have."""
+    if cfg.rollout.device != Device.auto:
+        return str(cfg.rollout.device)
+    return "cuda" if cfg.cluster.gpus_per_rollout_worker > 0 else "cpu"
 
 
 def _engine_kwargs(cfg: TrainConfig) -> dict[str, Any]:

@@ -266,6 +266,7 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.algo.filter_low <= cfg.algo.filter_high <= 1:
         errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
     errors += _vllm_errors(cfg)
+    errors += _gpu_errors(cfg)
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         errors.append(f"learner.zero_stage={cfg.learner.zero_stage}: expected 0-3")
     for key in ("learner_ranks", "rollout_workers"):
@@ -284,6 +285,38 @@ def validate(cfg: TrainConfig) -> None:
             errors.append("sft.batch_size must divide evenly over cluster.learner_ranks")
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _gpu_errors(cfg: TrainConfig) -> list[str]:
+    """GPUs per actor that the actors can actually use."""
+    c, errors = cfg.cluster, []
+    if c.gpus_per_learner not in (0, 1):
+        errors.append(
+            f"cluster.gpus_per_learner={c.gpus_per_learner:g}: a learner rank drives one GPU "
+            "(0 runs it on CPU); for more GPUs add ranks with cluster.learner_ranks"
+        )
+    gpus = c.gpus_per_rollout_worker
+    if gpus < 0 or gpus != int(gpus):
+        errors.append(f"cluster.gpus_per_rollout_worker={gpus:g} must be a whole number")
+    elif cfg.rollout.backend == Backend.hf and gpus > 1:
+        errors.append(
+            f"cluster.gpus_per_rollout_worker={gpus:g}: the HF engine runs on one GPU; use "
+            "rollout=vllm for tensor parallelism, or more rollout workers"
+        )
+    if cfg.rollout.device == Device.cuda and gpus == 0:
+        errors.append("rollout.device=cuda needs cluster.gpus_per_rollout_worker >= 1")
+    if (
+        c.colocate
+        and cfg.rollout.backend == Backend.vllm
+        and gpus > 0
+        and not cfg.rollout.vllm.enable_sleep_mode
+    ):
+        errors.append(
+            "cluster.colocate=true with vLLM on GPU needs rollout.vllm.enable_sleep_mode=true: "
+            "the engine must give its memory back while the learner on its GPU trains (and "
+            "rollout.vllm.gpu_memory_utilization must leave the learner its share)"
+        )
+    return errors
 
 
 def _vllm_errors(cfg: TrainConfig) -> list[str]:

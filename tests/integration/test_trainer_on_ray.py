@@ -24,7 +24,10 @@ def trainer(small_config, tmp_path_factory):
     # A random model never answers in format: a user reward (loaded by dotted path in the reward
     # actor) varies instead.
     cfg = small_config(
-        tmp_path_factory.mktemp("run"), f"reward.fn={LENGTH_REWARD}", "algo.accuracy_filter=false"
+        tmp_path_factory.mktemp("run"),
+        f"reward.fn={LENGTH_REWARD}",
+        "algo.accuracy_filter=false",
+        "model.freeze_vision=true",
     )
     with running_cluster(cfg) as cluster:
         yield cfg, cluster
@@ -57,8 +60,20 @@ def test_training_steps_change_the_policy_and_every_worker_follows(trainer):
         assert cluster.rollout_checksums() == [expected] * len(cluster.rollouts)
         assert cluster.policy_version() == record.policy_version
     after = cluster.learner_weights()
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert len(changed) > len(before) // 2
+    trainable = {s.name for b in cluster.trainable_plan for s in b.specs}
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed <= trainable and len(changed) > len(trainable) // 2
+
+
+def test_frozen_parameters_leave_the_push_plan_after_the_first_push(trainer):
+    _, cluster = trainer
+    full = {s.name for b in cluster.sync_plan for s in b.specs}
+    trainable = {s.name for b in cluster.trainable_plan for s in b.specs}
+    frozen = full - trainable
+    assert frozen and all(".visual." in f or f.startswith("model.visual.") for f in frozen)
+    # After the first push (the first RL step's), only trainable parameters travel; the
+    # workers' frozen ones still equal the learner's (checked over the full plan above).
+    assert cluster.frozen_pushed and cluster.push_plan() == cluster.trainable_plan
 
 
 def test_ranks_hold_identical_parameters_after_training(trainer):

@@ -69,3 +69,23 @@ def test_only_colocated_vllm_engines_with_sleep_mode_sleep_during_training(overr
 def test_work_is_cut_into_contiguous_shares_in_worker_order():
     assert contiguous_shares(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert contiguous_shares([1, 2], 3) == [[1], [2], []]
+
+
+def test_frozen_parameters_travel_with_the_first_push_only():
+    cluster = Cluster(train_config(), [], [], [], None, ["full"])
+    cluster.trainable_plan = ["trainable"]
+    assert cluster.push_plan() == ["full"]
+    cluster.frozen_pushed = True  # what a successful sync_weights records
+    assert cluster.push_plan() == ["trainable"]
+
+
+def test_engines_that_drop_their_weights_in_sleep_get_every_push_whole():
+    sleeping = [
+        "rollout=vllm",
+        "cluster.colocate=true",
+        "rollout.vllm.enable_sleep_mode=true",
+        "rollout.vllm.sleep_level=2",
+    ]
+    cluster = Cluster(train_config(*sleeping), [], [], [], None, ["full"])
+    cluster.trainable_plan, cluster.frozen_pushed = ["trainable"], True
+    assert cluster.push_plan() == ["full"]

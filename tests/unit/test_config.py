@@ -186,3 +186,39 @@ def test_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch):
     cfg = to_train_config(compose())
     assert Path(cfg.model.path).is_absolute() and Path(cfg.data.train).is_absolute()
     assert cfg.data.train.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["cluster.gpus_per_learner=2"], "a learner rank drives one GPU"),
+        (["cluster.gpus_per_learner=0.5"], "a learner rank drives one GPU"),
+        (["cluster.gpus_per_rollout_worker=1.5"], "must be a whole number"),
+        (["cluster.gpus_per_rollout_worker=2"], "the HF engine runs on one GPU"),
+        (["rollout.device=cuda"], "rollout.device=cuda needs"),
+        (
+            [
+                "rollout=vllm",
+                "cluster.colocate=true",
+                "cluster.gpus_per_learner=1",
+                "cluster.gpus_per_rollout_worker=1",
+            ],
+            "needs rollout.vllm.enable_sleep_mode=true",
+        ),
+    ],
+)
+def test_gpu_layouts_the_actors_cannot_use_fail_at_start_up(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate(train_config(*overrides))
+
+
+def test_a_colocated_vllm_engine_that_sleeps_is_a_valid_gpu_layout():
+    validate(
+        train_config(
+            "rollout=vllm",
+            "cluster.colocate=true",
+            "cluster.gpus_per_learner=1",
+            "cluster.gpus_per_rollout_worker=1",
+            "rollout.vllm.enable_sleep_mode=true",
+        )
+    )

@@ -106,6 +106,10 @@ class LearnerOptions:
     """Train in bf16 with fp32 master weights (GPU)."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep optimizer state in CPU memory."""
+    reference_offload: bool = False
+    """Keep the KL reference's parameters in CPU memory, partitioned over the ranks (ZeRO-3
+    parameter offload), gathered layer by layer when it scores: without it, under ZeRO-0/1/2 the
+    reference is a full replica on every GPU (15 GB at 7B in bf16)."""
     seed: int = 0
     """Seed of torch on every rank (dropout, if the model has any); the run's config ties it to
     trainer.seed."""

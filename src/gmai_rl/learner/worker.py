@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -23,9 +24,11 @@ import torch
 
 from gmai_rl.algo import entropy_from_logits, policy_loss, token_logprobs
 from gmai_rl.learner.batching import RankBatch, chunk
+from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
+from gmai_rl.models.device import require_cuda
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
 from gmai_rl.models.tokens import vision_token_ids
@@ -37,42 +40,16 @@ from gmai_rl.types import TrainSample
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(opts: LearnerOptions, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for one engine; accumulation is driven by the learner (module doc)."""
-    zero: dict[str, Any] = {"stage": opts.zero_stage}
-    if opts.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if opts.zero_stage == 3:
-        # Gather full parameters for every forward: the tiny and medium models we train fit.
-        zero["stage3_param_persistence_threshold"] = 0
-    return {
-        "train_micro_batch_size_per_gpu": opts.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": opts.micro_batch_size * world_size,
-        "gradient_clipping": opts.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": opts.bf16},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+def init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, use_cuda: bool
+) -> str:
+    """Join the learner group (NCCL on GPU, gloo on CPU); returns the device ("cuda:0", "cpu").
 
-
-def reference_config(opts: LearnerOptions, world_size: int) -> dict[str, Any]:
-    """The frozen reference policy: no optimizer, so ZeRO-1/2 have nothing to shard and it is a
-    full replica (stage 0); under ZeRO-3 its parameters are partitioned like the policy's."""
-    config = deepspeed_config(opts, world_size)
-    config["zero_optimization"] = {"stage": 3 if opts.zero_stage == 3 else 0}
-    if opts.zero_stage == 3:
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    return config
-
-
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> str:
-    """Join the learner group; returns the device ("cuda:<local>" or "cpu")."""
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
+    `use_cuda` is the configuration's choice; a GPU rank without working CUDA fails here.
+    """
+    if use_cuda:
+        require_cuda(f"learner rank {rank}")
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(
         MASTER_ADDR=master_addr,
@@ -97,6 +74,28 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     return "cpu"
 
 
+@contextmanager
+def loading_for(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Within it, transformers loads models the way `ds_config` keeps them.
+
+    Under ZeRO-3 a `HfDeepSpeedConfig` makes `from_pretrained` build the model inside
+    `deepspeed.zero.Init` and load the checkpoint into the partitions (rank 0 reads the weights),
+    so no rank holds a full copy in host memory (transformers integrations/deepspeed.py,
+    `_load_state_dict_into_zero3_model`). It is dropped afterwards: transformers reads it through a
+    global weak reference, and a ZeRO-3 reference must not make a ZeRO-2 policy look like ZeRO-3.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    active = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del active
+
+
 class Learner:
     """One rank of the DeepSpeed policy engine, plus an optional frozen reference policy."""
 
@@ -109,6 +108,7 @@ class Learner:
         world_size: int,
         master_addr: str,
         master_port: int,
+        use_gpu: bool = False,
     ) -> None:
         import deepspeed
 
@@ -116,32 +116,42 @@ class Learner:
         torch.manual_seed(learner.seed)
         self.rank, self.world_size = rank, world_size
         self.opts, self.loss_opts, self.model_opts = learner, loss, model
-        self.device = torch.device(init_distributed(rank, world_size, master_addr, master_port))
+        self.device = torch.device(
+            init_distributed(rank, world_size, master_addr, master_port, use_gpu)
+        )
         self.processor = load_processor(model)
         tokenizer = tokenizer_of(self.processor)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # The rollout never samples vision special tokens, so they are outside the policy's support.
         self.suppressed = vision_token_ids(tokenizer)
 
-        policy = load_model(model)
+        config = deepspeed_config(learner, world_size)
+        with loading_for(config):
+            policy = load_model(model, device=self._load_device(config))
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=0.0)
-        config = deepspeed_config(learner, world_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=policy, optimizer=optimizer, config=config
         )
         self.reference = None
         if loss.kl_coef > 0:
-            reference = load_model(
-                ModelOptions(**{**asdict(model), "gradient_checkpointing": False})
-            )
+            ref_config = reference_config(learner, world_size)
+            with loading_for(ref_config):
+                reference = load_model(
+                    ModelOptions(**{**asdict(model), "gradient_checkpointing": False}),
+                    device=self._load_device(ref_config),
+                )
             reference.requires_grad_(False)
-            self.reference, *_ = deepspeed.initialize(
-                model=reference.eval(), config=reference_config(learner, world_size)
-            )
+            self.reference, *_ = deepspeed.initialize(model=reference.eval(), config=ref_config)
         self.optim = OptimOptions(total_steps=1)  # the default rate until start_stage
         self.optim_step = 0
         self.sync_group: SyncGroup | None = None
+
+    def _load_device(self, ds_config: dict[str, Any]) -> str | None:
+        """Where a model's weights are loaded: straight onto this rank's GPU when it holds them
+        whole (ZeRO-0/1/2), else by transformers' ZeRO-3 path (`loading_for`)."""
+        partitioned = ds_config["zero_optimization"]["stage"] == 3
+        return str(self.device) if self.device.type == "cuda" and not partitioned else None
 
     # ----------------------------------------------------------------------------- schedule
 
@@ -323,10 +333,17 @@ class Learner:
 
     # ------------------------------------------------------------------------- weights out
 
-    def sync_plan(self, max_bucket_bytes: int, wire_dtype: str | None = None) -> list[Bucket]:
-        """The bucket plan of this policy's parameters (same on every rank)."""
-        specs = param_specs(self.engine.module.named_parameters(), wire_dtype)
-        return plan_buckets(specs, max_bucket_bytes)
+    def sync_plan(
+        self, max_bucket_bytes: int, wire_dtype: str | None = None, trainable_only: bool = False
+    ) -> list[Bucket]:
+        """The bucket plan of this policy's parameters (same on every rank); `trainable_only`
+        leaves out the frozen ones (e.g. the vision tower under model.freeze_vision)."""
+        named = (
+            (name, p)
+            for name, p in self.engine.module.named_parameters()
+            if p.requires_grad or not trainable_only
+        )
+        return plan_buckets(param_specs(named, wire_dtype), max_bucket_bytes)
 
     def join_sync_group(
         self, host: str, port: int, world_size: int, backend: str, timeout_s: float
@@ -352,13 +369,29 @@ class Learner:
             return [(name, p.detach().cpu().clone()) for name, p in params]
 
     def save_pretrained(self, path: str) -> None:
-        """Write the policy as an HF checkpoint with its processor (collective under ZeRO-3)."""
-        params = dict(self.named_parameters())
-        if self.rank == 0:
-            module = self.engine.module
-            state = {k: v for k, v in params.items()}
-            module.save_pretrained(path, state_dict=state)
+        """Write the policy as an HF checkpoint with its processor (every rank calls; rank 0
+        writes)."""
+        state = self._full_state_on_rank0()
+        if state is not None:
+            self.engine.module.save_pretrained(path, state_dict=state)
             self.processor.save_pretrained(path)
+
+    def _full_state_on_rank0(self) -> dict[str, torch.Tensor] | None:
+        """On rank 0 every parameter, copied to the CPU; None on the other ranks.
+
+        Under ZeRO-3 each parameter is gathered in turn (a collective every rank enters) and
+        released before the next, so a rank's device holds at most one full parameter beyond its
+        shard, and only rank 0 keeps host copies.
+        """
+        import deepspeed
+
+        zero3 = self.opts.zero_stage == 3
+        state: dict[str, torch.Tensor] | None = {} if self.rank == 0 else None
+        for name, param in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+                if state is not None:
+                    state[name] = param.detach().to("cpu", copy=True)
+        return state
 
     def ping(self) -> int:
         return self.rank

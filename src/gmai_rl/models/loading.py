@@ -80,10 +80,42 @@ def load_processor(options: ModelOptions) -> Any:
     )
 
 
-def load_model(options: ModelOptions) -> Any:
-    """The policy as a torch module in train mode, with the requested freezing and checkpointing."""
+# Attention implementations that need a package torch does not ship, and that package's module.
+_ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash-attn", "flash_attn"),
+    "flash_attention_3": ("flash-attn 3 (hopper build)", "flash_attn_interface"),
+}
+
+
+def check_attn_implementation(name: str | None) -> None:
+    """Fail at start-up, naming the package, when the requested attention backend is not installed.
+
+    SDPA (torch's own) works everywhere; flash-attn builds against the node's CUDA and is not in
+    the GPU lock, so a preset that asks for it must find it installed.
+    """
+    import importlib.util
+
+    if name not in _ATTENTION_PACKAGES:
+        return
+    package, module = _ATTENTION_PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeError(
+            f"model.attn_implementation={name} needs the {package} package, which is not "
+            f"installed in this environment (module {module!r} not found). Install it on every "
+            "node (it compiles against the node's CUDA), or use model.attn_implementation=sdpa."
+        )
+
+
+def load_model(options: ModelOptions, device: str | None = None) -> Any:
+    """The policy as a torch module in train mode, with the requested freezing and checkpointing.
+
+    `device` "cuda:N" loads the weights straight onto that GPU (no full copy in host memory
+    first); None loads on the CPU, or partitioned when a DeepSpeed ZeRO-3 config is active
+    (transformers' `HfDeepSpeedConfig`: rank 0 reads the weights, every rank keeps its shard).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    check_attn_implementation(options.attn_implementation)
     config = AutoConfig.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
     auto = (
         AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
@@ -91,6 +123,8 @@ def load_model(options: ModelOptions) -> Any:
     kwargs: dict[str, Any] = {"dtype": torch_dtype(options.dtype)}
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
+    if device is not None and device.startswith("cuda"):
+        kwargs["device_map"] = {"": device}
     model = auto.from_pretrained(
         options.path, trust_remote_code=options.trust_remote_code, **kwargs
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gmai_rl.models.device import require_cuda
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.rollout.base import RolloutEngine, SyncingEngine
 from gmai_rl.rollout.options import Backend, Device
@@ -62,10 +63,13 @@ class RolloutWorker:
     ) -> None:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
+        device = resolve_device(device)
+        if device.startswith("cuda"):
+            require_cuda("rollout worker")
         kwargs = dict(engine_kwargs or {})
         if backend == Backend.vllm:
             kwargs.setdefault("seed", seed)
-        self.engine = make_engine(backend, model, resolve_device(device), **kwargs)
+        self.engine = make_engine(backend, model, device, **kwargs)
         self.max_batch_prompts = max_batch_prompts
         self.group: SyncGroup | None = None
         self._engine_synced = False
@@ -83,6 +87,9 @@ class RolloutWorker:
         return self.engine.policy_version
 
     def get_policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def ping(self) -> int:
         return self.engine.policy_version
 
     def sync_members(self) -> int:
