@@ -372,7 +372,10 @@ class Cluster:
         All sends and receives are launched before any is awaited: each blocks on the others.
         With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
         """
-        pushes = self._calls(self.learners, "learner rank", "push_weights", self.sync_plan, verify)
+        in_flight = self.cfg.sync.max_buckets_in_flight
+        pushes = self._calls(
+            self.learners, "learner rank", "push_weights", self.sync_plan, verify, in_flight
+        )
         receipts = self._calls(
             self.rollouts, "rollout worker", "receive_weights", self.sync_plan, verify
         )

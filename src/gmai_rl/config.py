@@ -178,6 +178,10 @@ class SyncConfig:
     """After each sync, compare a checksum of every tensor on both sides (slow for big models)."""
     timeout_s: float = 600.0
     """A sync-group peer that does not answer within this fails the run with a clear error."""
+    max_buckets_in_flight: int = 2
+    """Buckets learner rank 0 may have sent but not yet seen arrive, each holding a flat buffer
+    on its device (NCCL sends return before the data moves): 1 waits for every bucket, 2
+    overlaps the next bucket's gather with the current transfer."""
 
 
 @dataclass
