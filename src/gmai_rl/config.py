@@ -178,6 +178,10 @@ class SyncConfig:
     """After each sync, compare a checksum of every tensor on both sides (slow for big models)."""
     timeout_s: float = 600.0
     """A sync-group peer that does not answer within this fails the run with a clear error."""
+    max_buckets_in_flight: int = 2
+    """Buckets learner rank 0 may have sent but not yet seen arrive, each holding a flat buffer
+    on its device (NCCL sends return before the data moves): 1 waits for every bucket, 2
+    overlaps the next bucket's gather with the current transfer."""
 
 
 @dataclass
@@ -267,6 +271,8 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
     errors += _vllm_errors(cfg)
     errors += _gpu_errors(cfg)
+    if cfg.sync.max_buckets_in_flight < 1:
+        errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         errors.append(f"learner.zero_stage={cfg.learner.zero_stage}: expected 0-3")
     for key in ("learner_ranks", "rollout_workers"):

@@ -35,6 +35,7 @@ from gmai_rl.rollout.vllm_sync import (
     refresh_tied_lm_head,
 )
 from gmai_rl.sync.buckets import plan_buckets, plan_fingerprint
+from gmai_rl.sync.inflight import COMPLETED, Transfer
 from gmai_rl.sync.weights import param_specs, push_weights
 from gmai_rl.types import Prompt, SamplingParams
 from support import train_config
@@ -286,12 +287,17 @@ class Wire:
         rank: int
         wire: Wire
         device: torch.device = CPU
+        timeout_s: float = 1.0
 
-        def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Transfer:
             if self.rank == src:
                 self.wire.sent.append(tensor.clone())
             else:
                 tensor.copy_(self.wire.sent.pop(0))
+            return COMPLETED  # done on return, as gloo's broadcasts are
+
+        def broken(self, message: str) -> Exception:
+            raise AssertionError(f"a completed broadcast cannot time out: {message}")
 
 
 class FakeWorker(WeightSyncExtension):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gmai_rl.sync.buckets import Bucket, TensorSpec, flatten, plan_buckets
+from gmai_rl.sync.inflight import COMPLETED, Transfer
 from gmai_rl.sync.weights import (
     PlanMismatchError,
     checksums,
@@ -24,35 +25,46 @@ from gmai_rl.sync.weights import (
 )
 
 
-class RecordingGroup:
+class BlockingGroup:
+    """A group whose broadcasts are done when they return, as gloo's are."""
+
+    rank = 0
+    device = torch.device("cpu")
+    timeout_s = 1.0
+
+    def broken(self, message: str) -> Exception:
+        raise AssertionError(f"a completed broadcast cannot time out: {message}")
+
+
+class RecordingGroup(BlockingGroup):
     """Stands in for SyncGroup: logs each broadcast and keeps what the sender sent."""
 
     def __init__(self, events: list[tuple], rank: int = 0) -> None:
         self.events = events
         self.rank = rank
-        self.device = torch.device("cpu")
         self.sent: list[torch.Tensor] = []
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Transfer:
         assert src == 0
         self.events.append(("broadcast", tensor.numel(), str(tensor.dtype)))
         self.sent.append(tensor.clone())
+        return COMPLETED
 
 
-class ReplayGroup:
+class ReplayGroup(BlockingGroup):
     """A receiver's side of a link: each broadcast is filled with the next recorded payload."""
 
     def __init__(self, payloads: list[torch.Tensor]) -> None:
         self.rank = 1
-        self.device = torch.device("cpu")
         self.payloads = list(payloads)
         self.calls = 0
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Transfer:
         payload = self.payloads.pop(0)
         assert payload.shape == tensor.shape and payload.dtype == tensor.dtype
         tensor.copy_(payload)
         self.calls += 1
+        return COMPLETED
 
 
 def fake_gather(events: list[tuple], names: dict[int, str]):

@@ -34,7 +34,7 @@ from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tok
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.group import SyncGroup, init_sync_group
-from gmai_rl.sync.weights import param_specs, push_weights
+from gmai_rl.sync.weights import DEFAULT_MAX_IN_FLIGHT, param_specs, push_weights
 from gmai_rl.types import TrainSample
 
 log = logging.getLogger(__name__)
@@ -353,10 +353,17 @@ class Learner:
             raise RuntimeError(f"only learner rank 0 joins the sync group, not rank {self.rank}")
         self.sync_group = init_sync_group(host, port, 0, world_size, backend, timeout_s)
 
-    def push_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, str] | None:
-        """Broadcast the policy to the rollout workers; every rank calls (ZeRO-3 gathers)."""
+    def push_weights(
+        self,
+        plan: Sequence[Bucket],
+        verify: bool = False,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> dict[str, str] | None:
+        """Broadcast the policy to the rollout workers; every rank calls (ZeRO-3 gathers).
+        `max_in_flight`: `sync.max_buckets_in_flight`."""
         group = self.sync_group if self.rank == 0 else None
-        return push_weights(self.engine.module, plan, group, self.opts.zero_stage, verify=verify)
+        module, stage = self.engine.module, self.opts.zero_stage
+        return push_weights(module, plan, group, stage, verify=verify, max_in_flight=max_in_flight)
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Full (gathered) parameters on CPU; collective under ZeRO-3: call on every rank."""

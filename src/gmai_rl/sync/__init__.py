@@ -3,6 +3,8 @@
 - `buckets`: the bucket plan (pure data) and flatten/unflatten.
 - `group`: `SyncGroup`, a process group of learner rank 0 + the rollout workers that lives beside
   each member's own torch.distributed world (gloo on CPU, NCCL on GPU).
+- `inflight`: the window of started-but-unfinished broadcasts that bounds the sender's memory
+  and every wait (NCCL collectives return before the data moves).
 - `weights`: `push_weights` (every learner rank; ZeRO-3 gathers bucket by bucket),
   `receive_weights` (each rollout worker, an iterator for the engine's loader), checksums.
 

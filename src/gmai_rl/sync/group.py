@@ -5,6 +5,13 @@ Built beside each member's own torch.distributed world, without the default grou
 backend's list API. Every wait is bounded by `timeout_s`, and every failure is re-raised as
 `SyncGroupError` naming host:port, rank, world size and timeout; a group that timed out is dead
 (build a new one). Why this shape, and the measured timeouts: docs/weight-sync.md.
+
+gloo collectives block the calling thread and enforce the timeout themselves. A NCCL collective
+only queues work on the GPU, so the host bounds the wait itself: `start_broadcast` returns a
+`Transfer` whose `done()` polls the NCCL work, and whoever waits on it (`broadcast`, `barrier`,
+the window in sync/inflight.py) gives up at start + timeout_s and calls `broken`, which aborts
+the NCCL communicator. NCCL's own watchdog is set `NCCL_WATCHDOG_GRACE_S` later, as a backstop:
+left to fire first, it would take the whole process down.
 """
 
 from __future__ import annotations
@@ -19,8 +26,15 @@ from typing import Any
 import torch
 from torch.distributed import BroadcastOptions, TCPStore  # type: ignore[attr-defined]
 
+from gmai_rl.sync.inflight import COMPLETED, SYSTEM_CLOCK, Transfer, wait_until_done
+
 BACKENDS = ("gloo", "nccl")
 DEFAULT_TIMEOUT_S = 300.0
+NCCL_WATCHDOG_GRACE_S = 60.0
+"""How much later than our own deadline NCCL's watchdog times a collective out. Our wait aborts
+the communicator at the deadline, which ends the stuck kernel; the watchdog then sees the work
+finish instead of timing out (with the default TORCH_NCCL_ASYNC_ERROR_HANDLING a watchdog
+timeout kills the process)."""
 
 
 class SyncGroupError(RuntimeError):
@@ -63,6 +77,7 @@ class SyncGroup:
     device: torch.device
     _store: Any = field(repr=False)
     _pg: Any = field(repr=False)
+    _failure: str | None = field(default=None, repr=False)
 
     def _where(self) -> str:
         return (
@@ -71,16 +86,38 @@ class SyncGroup:
         )
 
     def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise SyncGroupError(
+                f"{self._where()} is unusable after an earlier failure ({self._failure}); "
+                "destroy it and build a new one"
+            )
         if self._pg is None:
             raise SyncGroupError(f"{self._where()} was destroyed")
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        """Broadcast `tensor` in place from group rank `src` to every other member. Blocking.
+    def broken(self, message: str) -> SyncGroupError:
+        """Mark the group dead after `message` (a collective failed or missed its deadline) and
+        return the error to raise. With NCCL this aborts the communicator first: a collective
+        whose peer never comes occupies its kernel, and every stream that waits on it, until
+        then. Every later call on the group fails at once."""
+        if self._failure is None:
+            self._failure = message
+            if self.backend == "nccl" and self._pg is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._pg.abort()
+        return SyncGroupError(
+            f"{message} on {self._where()}; the group is unusable now, destroy it and build a "
+            "new one"
+        )
+
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Transfer:
+        """Start broadcasting `tensor` in place from group rank `src` to every other member.
 
         Every member must call it with a tensor of the same numel and dtype, in the same order
         relative to the group's other collectives. On `src` the tensor is read, elsewhere
-        overwritten. With NCCL "blocking" means the current CUDA stream waits for the
-        broadcast: later work on that stream sees the data.
+        overwritten. gloo: returns when the broadcast is done (`COMPLETED`). NCCL: returns once
+        it is queued; work queued later on the current CUDA stream already sees the data, but
+        the host may touch or free the tensor, or hand it to another stream, only after the
+        returned transfer's `done()` (which raises `SyncGroupError` if the broadcast failed).
 
         Args:
             tensor: contiguous, on `self.device` (CPU for gloo, this process's GPU for NCCL).
@@ -89,29 +126,47 @@ class SyncGroup:
         self._check_alive()
         if not tensor.is_contiguous():
             raise ValueError("broadcast needs a contiguous tensor")
+        what = f"broadcast of {tensor.numel()} {tensor.dtype} elements from rank {src}"
         opts = BroadcastOptions()
         opts.rootRank = src
         try:
-            self._pg.broadcast([tensor], opts).wait()
+            work = self._pg.broadcast([tensor], opts)
+            # gloo: blocks until done or timeout_s. NCCL: makes the current stream wait for
+            # the collective and returns at once (ProcessGroupNCCL's WorkNCCL::wait without a
+            # timeout); it also releases the work's own reference to the tensor, so from here
+            # on the tensor lives exactly as long as its caller keeps it.
+            work.wait()
         except RuntimeError as err:
-            raise SyncGroupError(
-                f"broadcast of {tensor.numel()} {tensor.dtype} elements from rank {src} failed "
-                f"on {self._where()}; the group is unusable now, destroy it and build a new "
-                f"one: {err}"
-            ) from err
+            raise self.broken(f"{what} failed: {err}") from err
+        if self.backend == "gloo":
+            return COMPLETED
+        return _NcclTransfer(work, what, self)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """`start_broadcast`, then wait until it is done (at most `timeout_s`). Blocking on
+        every backend: afterwards the tensor is settled for the host and every stream."""
+        started = time.monotonic()
+        transfer = self.start_broadcast(tensor, src)
+        self._settle(transfer, started, f"broadcast of {tensor.numel()} {tensor.dtype} elements")
 
     def barrier(self) -> None:
         """Block until every member reached the barrier (a 1-element all-reduce)."""
         self._check_alive()
+        started = time.monotonic()
         # An all-reduce on our own device rather than `pg.barrier()`: ProcessGroupNCCL's barrier
         # has to guess a device when the group has no bound one.
         token = torch.zeros(1, device=self.device)
         try:
-            self._pg.allreduce([token]).wait()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            work = self._pg.allreduce([token])
+            work.wait()
         except RuntimeError as err:
-            raise SyncGroupError(f"barrier failed on {self._where()}: {err}") from err
+            raise self.broken(f"barrier failed: {err}") from err
+        if self.backend == "nccl":
+            self._settle(_NcclTransfer(work, "barrier", self), started, "barrier")
+
+    def _settle(self, transfer: Transfer, started: float, what: str) -> None:
+        if not wait_until_done(transfer, started + self.timeout_s, SYSTEM_CLOCK):
+            raise self.broken(f"{what} did not complete within {self.timeout_s:g} s")
 
     def destroy(self) -> None:
         """Release the group's connections (and NCCL communicators). Idempotent.
@@ -119,7 +174,8 @@ class SyncGroup:
         Rank 0's store goes with it, so destroy rank 0 last or together with the others: a
         member still waiting on the store would fail.
         """
-        if self._pg is not None:
+        # An aborted NCCL group has nothing left to flush (shutdown would wait on it).
+        if self._pg is not None and not (self.backend == "nccl" and self._failure is not None):
             self._pg.shutdown()
         self._pg = None
         self._store = None
@@ -131,6 +187,26 @@ class SyncGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
+
+
+class _NcclTransfer:
+    """A queued NCCL collective, polled through its `Work`."""
+
+    def __init__(self, work: Any, what: str, group: SyncGroup) -> None:
+        self._work, self._what, self._group = work, what, group
+
+    def done(self) -> bool:
+        try:
+            # WorkNCCL::isCompleted: queries the collective's end event (never blocks) after
+            # checking the communicator for asynchronous NCCL errors; True on error too.
+            if not self._work.is_completed():
+                return False
+            # Cheap now (a stream wait on a finished event); re-raises the error of a failed
+            # collective, which `Work.exception()` (deprecated) would only report.
+            self._work.wait()
+        except RuntimeError as err:
+            raise self._group.broken(f"{self._what} failed: {err}") from err
+        return True
 
 
 def init_sync_group(
@@ -231,6 +307,7 @@ def _new_backend(
 
     # As torch's own _create_nccl_process_group builds it, minus the default-world bookkeeping.
     # The communicator is created lazily on the first collective, on that tensor's device.
+    # The watchdog's timeout trails ours (see NCCL_WATCHDOG_GRACE_S).
     options = ProcessGroupNCCL.Options()
-    options._timeout = timeout
+    options._timeout = timeout + datetime.timedelta(seconds=NCCL_WATCHDOG_GRACE_S)
     return ProcessGroupNCCL(store, rank, world_size, options)

@@ -2,9 +2,10 @@
 
 `push_weights` runs on every learner rank (under ZeRO-3 each bucket is gathered collectively;
 only rank 0 broadcasts), first the plan's fingerprint, then each bucket flattened and cast to the
-wire dtype. `receive_weights` is the receivers' iterator of (name, tensor) for the engine's loader,
-one bucket in memory at a time. `checksums` are exact (sha256 of the bytes), for verify mode.
-The design and its measurements: docs/weight-sync.md.
+wire dtype, with at most `max_in_flight` buckets sent but not yet complete. `receive_weights` is
+the receivers' iterator of (name, tensor) for the engine's loader, one bucket in memory at a
+time, each yielded only once its data has arrived. `checksums` are exact (sha256 of the bytes),
+for verify mode. The design and its measurements: docs/weight-sync.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gmai_rl.sync.buckets import (
     torch_dtype,
     unflatten,
 )
+from gmai_rl.sync.inflight import SYSTEM_CLOCK, Clock, InFlight, Transfer
 
 # Opens one bucket on the sender: a context in which the bucket's tensors are full and readable
 # (under ZeRO-3: gathered), yielding them in `bucket.specs` order; leaving it releases them.
@@ -34,13 +36,25 @@ OpenBucket = Callable[[Bucket], AbstractContextManager[Sequence[torch.Tensor]]]
 GatherFn = Callable[[list[torch.nn.Parameter]], AbstractContextManager[object]]
 
 
+DEFAULT_MAX_IN_FLIGHT = 2
+"""Buckets the sender may have started but not seen complete: 2 lets the next bucket's gather and
+flatten overlap the current bucket's transfer, at one more bucket of memory."""
+
+
 class Broadcaster(Protocol):
     """What the send/receive loops need of a group (`SyncGroup`, or a fake in tests)."""
 
     rank: int
     device: torch.device
+    timeout_s: float
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Transfer:
+        """See `SyncGroup.start_broadcast`: the tensor is settled once the transfer is done."""
+        ...
+
+    def broken(self, message: str) -> Exception:
+        """See `SyncGroup.broken`: the error to raise when a transfer missed its deadline."""
+        ...
 
 
 class PlanMismatchError(RuntimeError):
@@ -77,12 +91,21 @@ def send_weights(
     open_bucket: OpenBucket,
     *,
     verify: bool = False,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> dict[str, str] | None:
     """Push every bucket of `plan`: the loop every learner rank runs.
 
-    Per bucket: open it (ZeRO-3: gather), flatten + cast to the wire dtype and broadcast (rank 0
-    only), close it (ZeRO-3: release). The broadcast happens while the bucket is open, so no
-    learner rank holds more than one bucket's gathered parameters.
+    Per bucket: open it (ZeRO-3: gather), flatten + cast to the wire dtype and start its
+    broadcast (rank 0 only), close it (ZeRO-3: release). The flat copy is taken while the bucket
+    is open, so no learner rank holds more than one bucket's gathered parameters.
+
+    A broadcast may still be running when its bucket closes (NCCL queues it on the GPU and
+    returns). Rank 0 keeps each flat buffer until its broadcast is done, and before opening
+    bucket k waits until bucket k - `max_in_flight` is done: at most `max_in_flight` flat
+    buffers exist at a time, however far ahead of the GPU the host could run. Each wait ends at
+    `group.timeout_s` after that bucket's broadcast started, with `group.broken`'s error (for
+    `SyncGroup`: a `SyncGroupError` naming the bucket, the group, the rank and the timeout).
 
     Args:
         group: learner rank 0's sync group (must be group rank 0), or None on the other learner
@@ -91,35 +114,56 @@ def send_weights(
         open_bucket: see `OpenBucket`; entered and left once per bucket, in plan order.
         verify: also return the checksums of what was sent. Costs a device->host copy and a
             sha256 of the whole model.
+        max_in_flight: the bound above, >= 1 (`sync.max_buckets_in_flight`).
+        clock: time source of the waits (tests pass a fake).
 
     Returns:
         {name: tensor_checksum} of the sent tensors (wire dtype) when `group` is given and
         `verify` is set; else None.
     """
+    if max_in_flight < 1:
+        raise ValueError(
+            f"sync.max_buckets_in_flight must be >= 1, got {max_in_flight} (1: one bucket at a "
+            "time)"
+        )
+    window: InFlight[torch.Tensor] | None = None
     if group is not None:
         if group.rank != 0:
             raise ValueError(f"weights are sent from sync-group rank 0, this is rank {group.rank}")
-        group.broadcast(_fingerprint_tensor(plan, group.device), src=0)
+        _broadcast_and_wait(group, _fingerprint_tensor(plan, group.device), clock)
+        window = InFlight(max_in_flight, group.timeout_s, group.broken, clock)
     sent: dict[str, str] | None = {} if group is not None and verify else None
-    for bucket in plan:
+    for index, bucket in enumerate(plan):
+        if window is not None:
+            window.make_room()
         with open_bucket(bucket) as tensors:
-            if group is None:
+            if group is None or window is None:
                 continue
             flat = flatten(bucket, tensors, device=group.device)
-            group.broadcast(flat, src=0)
-        if sent is not None:
-            sent.update(checksums(unflatten(bucket, flat)))
+            window.add(_describe(plan, index), group.start_broadcast(flat, src=0), flat)
+            if sent is not None:
+                # The sender's buffer is only read by the broadcast: safe to read now.
+                sent.update(checksums(unflatten(bucket, flat)))
+            del flat  # the window's reference is the one that must decide its lifetime
+    if window is not None:
+        window.drain()
     return sent
 
 
 def receive_weights(
-    group: Broadcaster, plan: Sequence[Bucket], device: torch.device | str | None = None
+    group: Broadcaster,
+    plan: Sequence[Bucket],
+    device: torch.device | str | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Receive one push, yielding (name, tensor) bucket by bucket, in plan order.
 
     Lazy: bucket k is received when the consumer asks for its first tensor, so a loader that
     copies each tensor into the model (vLLM `model.load_weights(weights=...)`, or
-    `params[name].data.copy_(tensor)` for HF) holds one bucket at a time. The consumer MUST
+    `params[name].data.copy_(tensor)` for HF) holds one bucket at a time. A bucket is yielded
+    only once its broadcast is done (at most `group.timeout_s` after it started, else
+    `group.broken`'s error), so a consumer may read it on any CUDA stream. The consumer MUST
     exhaust the iterator: the sender blocks on every bucket until all receivers take it, and a
     half-read push leaves the group out of step (the sender then times out).
 
@@ -128,6 +172,7 @@ def receive_weights(
         plan: the same plan the sender uses.
         device: where the buffers live; default: the group's device (CPU for gloo, the GPU for
             NCCL, which must receive into CUDA memory).
+        clock: time source of the waits (tests pass a fake).
 
     Yields:
         (name, tensor) with the spec's full shape and wire dtype. Each tensor is a view into its
@@ -138,16 +183,16 @@ def receive_weights(
     """
     device = torch.device(device) if device is not None else group.device
     expected = _fingerprint_tensor(plan, device)
-    received = torch.zeros_like(expected)
-    group.broadcast(received, src=0)
+    # Settled on the host before the comparison reads it.
+    received = _broadcast_and_wait(group, torch.zeros_like(expected), clock)
     if not torch.equal(received, expected):
         raise PlanMismatchError(
             "the sender's bucket plan differs from this receiver's (names, shapes, wire dtypes "
             "or bucket size): build both from the same plan object"
         )
-    for bucket in plan:
+    for index, bucket in enumerate(plan):
         flat = torch.empty(bucket.numel, dtype=torch_dtype(bucket.dtype), device=device)
-        group.broadcast(flat, src=0)
+        flat = _broadcast_and_wait(group, flat, clock, _describe(plan, index))
         yield from unflatten(bucket, flat)
 
 
@@ -159,6 +204,7 @@ def push_weights(
     *,
     verify: bool = False,
     gather: GatherFn | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> dict[str, str] | None:
     """Push `model`'s current parameters; called by EVERY learner rank at the same time.
 
@@ -174,6 +220,7 @@ def push_weights(
         verify: rank 0 returns `checksums` of what it sent (wire dtype), else None.
         gather: the ZeRO-3 gather context factory; default
             `deepspeed.zero.GatheredParameters(params, modifier_rank=None)` (tests pass a fake).
+        max_in_flight: rank 0's bound on buckets sent but not yet complete (see `send_weights`).
 
     Returns:
         On rank 0 with verify: {name: checksum}; otherwise None.
@@ -193,7 +240,7 @@ def push_weights(
         with gather(tensors) if gather is not None else contextlib.nullcontext():
             yield tensors
 
-    return send_weights(group, plan, open_bucket, verify=verify)
+    return send_weights(group, plan, open_bucket, verify=verify, max_in_flight=max_in_flight)
 
 
 def _deepspeed_gather(params: list[torch.nn.Parameter]) -> AbstractContextManager[object]:
@@ -205,6 +252,25 @@ def _deepspeed_gather(params: list[torch.nn.Parameter]) -> AbstractContextManage
         params, modifier_rank=None
     )
     return gathered
+
+
+def _broadcast_and_wait(
+    group: Broadcaster, tensor: torch.Tensor, clock: Clock, what: str = "the plan fingerprint"
+) -> torch.Tensor:
+    """Broadcast `tensor` from rank 0 and return it once done (bounded by the group's timeout)."""
+    window: InFlight[torch.Tensor] = InFlight(1, group.timeout_s, group.broken, clock)
+    window.add(what, group.start_broadcast(tensor, src=0), tensor)
+    return window.wait_oldest()
+
+
+def _describe(plan: Sequence[Bucket], index: int) -> str:
+    """How a timeout names a bucket: its place in the plan, first tensor, size and dtype."""
+    bucket = plan[index]
+    first = bucket.specs[0].name if bucket.specs else "no tensors"
+    return (
+        f"bucket {index + 1} of {len(plan)} ({len(bucket.specs)} tensors from {first!r}, "
+        f"{bucket.nbytes} bytes of {bucket.dtype})"
+    )
 
 
 def _fingerprint_tensor(plan: Sequence[Bucket], device: torch.device | str) -> torch.Tensor:
