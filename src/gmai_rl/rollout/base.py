@@ -22,6 +22,17 @@ from gmai_rl.sync.buckets import Bucket
 from gmai_rl.types import Group, Prompt, SamplingParams
 
 
+class EngineBrokenError(RuntimeError):
+    """The engine can no longer generate or take weights: replace it (a new worker).
+
+    Raised when a weight update failed inside vLLM's in-place reload, which moves every layer to
+    the meta device at its start and restores a layer only once its weights are loaded, with no
+    rollback: a reload that stops midway leaves the model partly on meta tensors, partly new,
+    partly old. Defined here, below the cluster, so that the rollout worker raises it and the
+    cluster recognises it without either importing the other's layer.
+    """
+
+
 class RolloutEngine(Protocol):
     policy_version: int
 

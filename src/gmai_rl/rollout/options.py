@@ -45,7 +45,8 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     """GPUs per engine; on GPU it must equal cluster.gpus_per_rollout_worker (the actor's bundle)."""
     distributed_executor_backend: str | None = None
-    """null: vLLM's choice ("uni" for 1 GPU, "mp" worker processes inside the actor for TP > 1)."""
+    """null: "uni" for TP 1, "mp" (TP worker processes spawned by the actor) for TP > 1; vLLM's
+    own choice inside a Ray actor would be "ray", which cannot use the actor's bundle."""
     gpu_memory_utilization: float = 0.85
     """Fraction of each GPU the engine may take for weights, activations and KV cache."""
     kv_cache_memory_mb: int | None = None

