@@ -1,6 +1,7 @@
 """`gmai-rl`: the command-line front door.
 
 gmai-rl train [hydra overrides ...]     GRPO on Ray (same as python -m gmai_rl.train)
+gmai-rl plan [hydra overrides ...]      pre-flight plan: memory per GPU, prompt budget, placement
 gmai-rl make-tiny-model OUT             offline tiny Qwen2.5-VL with processor and chat template
 gmai-rl make-data OUT [...]             the synthetic medical MCQ dataset
 gmai-rl synth --model M --data D ...    rejection sampling into SFT records
@@ -45,6 +46,37 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _plan(argv: Sequence[str]) -> int:
+    """Print the pre-flight plan of the config `train` would run; 1 when it cannot fit. The
+    prompt budget is measured on the data when its files are there, else assumed."""
+    from pathlib import Path
+
+    from gmai_rl.config import validate
+    from gmai_rl.feed import load_datasets
+    from gmai_rl.plan import check, make_plan, render
+    from gmai_rl.train import compose
+
+    cfg = compose(list(argv))
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(err)
+        return 1
+    items = None
+    d = cfg.data
+    wanted = [d.train, d.eval, d.sft if cfg.sft.enabled else None]
+    if all(Path(path).exists() for path in wanted if path):
+        data = load_datasets(cfg)
+        items = [*data.train, *data.eval]
+    plan = make_plan(cfg, items=items)
+    print(render(plan))
+    problems = check(plan)
+    if problems:
+        print("\nthe configuration cannot fit:\n  " + "\n  ".join(problems))
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmai_rl import evaluate, synth
     from gmai_rl.data.synthetic import cli as synthetic_cli
@@ -52,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmai-rl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="GRPO on Ray; the rest of the line goes to hydra")
+    commands.add_parser(
+        "plan", help="pre-flight plan of a training config; the rest of the line goes to hydra"
+    )
     tiny = commands.add_parser("make-tiny-model", help="write an offline tiny Qwen2.5-VL")
     _make_tiny_model_arguments(tiny)
     tiny.set_defaults(run=_make_tiny_model)
@@ -71,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return _train(argv[1:])
+    if argv and argv[0] == "plan":
+        return _plan(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.run(args))
 

@@ -206,6 +206,13 @@ class ClusterConfig:
     """CPUs a local ray.init() advertises; null: enough for every actor's bundle."""
     dashboard: bool = False
     """Start the Ray dashboard with a local ray.init()."""
+    gpus_per_node: int | None = 8
+    """GPUs on each node, for the pre-flight plan's placement check (`gmai-rl plan`); null: the
+    driver's own (torch.cuda), which is right for a local ray.init() on a GPU node."""
+    gpu_memory_gib: float | None = 80.0
+    """Memory of each GPU in GiB, for the plan's memory checks (80: A100/H100 80GB); null: the
+    driver's first GPU (torch.cuda). Unknown (null on a driver without a GPU): the GPU memory
+    checks are skipped and the plan says so."""
     start_timeout_s: float = 1800.0
     """Longest wait for the placement group and each actor's start (model loading, DeepSpeed
     init); exceeded, the run stops naming what did not start."""

@@ -1,6 +1,7 @@
 """The driver: GRPO on a Ray cluster, stage by stage, in data-flow order.
 
-    run      prepare data -> start the cluster -> SFT cold start -> evaluate -> RL -> evaluate
+    run      prepare data -> pre-flight plan (gmai_rl.plan) -> start the cluster
+             -> SFT cold start -> evaluate -> RL -> evaluate
     rl_step  sample prompts -> generate n each -> reward -> filter (refill) -> advantages
              -> train (PPO epochs on the learner ranks) -> push weights
 
@@ -36,6 +37,7 @@ from gmai_rl.metrics import (
     progress_line,
     step_metrics,
 )
+from gmai_rl.plan import check, make_plan, render
 from gmai_rl.types import Group, MCQItem, SamplingParams, TrainSample
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     prepare_artifacts(cfg)
     data = load_datasets(cfg)
+    preflight(cfg, [*data.train, *data.eval])
     init_ray(cfg)
     cluster = Cluster.start(cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -69,6 +72,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         metrics.close()
         cluster.shutdown()
     return result
+
+
+def preflight(cfg: TrainConfig, items: Sequence[MCQItem]) -> None:
+    """Log the pre-flight plan (memory per GPU, prompt budget measured on `items`, placement);
+    stop, before anything starts, when it cannot fit."""
+    plan = make_plan(cfg, items=items)
+    log.info("%s", render(plan))
+    problems = check(plan)
+    if problems:
+        raise ValueError(
+            "the configuration cannot fit (gmai-rl plan prints the whole plan):\n  "
+            + "\n  ".join(problems)
+        )
 
 
 # -------------------------------------------------------------------------------------- sft

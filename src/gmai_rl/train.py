@@ -32,6 +32,20 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     return absolutise_paths(obj)
 
 
+def compose(overrides: list[str]) -> TrainConfig:
+    """The typed config `python -m gmai_rl.train OVERRIDES` runs with, composed without running
+    (hydra's compose API on the same conf/ tree). Nothing is written: the output folder, unless
+    given, is ./outputs/plan."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    # ${hydra:runtime.output_dir} exists only inside a hydra.main run.
+    if not any(o.startswith("trainer.output_dir=") for o in overrides):
+        overrides = [*overrides, "trainer.output_dir=outputs/plan"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_train_config(hydra_compose("config", overrides=overrides))
+
+
 def absolutise_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths become absolute: Ray actors need not share the driver's working directory."""
     model = Path(cfg.model.path)

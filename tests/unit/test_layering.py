@@ -2,7 +2,7 @@
 
     types -> pure rooms (algo, data, reward rules, sync plan) -> models, sync transport
           -> actors (rollout, learner, reward worker) -> config -> cluster
-          -> driver support (feed, metrics, evaluate) -> loop -> entry points (train, synth) -> cli
+          -> driver support (feed, metrics, evaluate, plan) -> loop -> entry points (train, synth) -> cli
 
 Read from the source (every import statement, including those inside functions, which are
 arrows too), so the test sees what `sys.modules` would hide once another test imported it all.
@@ -30,7 +30,7 @@ LAYERS: list[list[str]] = [
     ["rollout", "learner", "reward.worker"],
     ["config"],
     ["cluster"],
-    ["feed", "metrics", "evaluate"],
+    ["feed", "metrics", "evaluate", "plan"],
     ["loop"],
     ["train", "synth"],
     ["cli"],

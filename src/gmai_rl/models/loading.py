@@ -61,6 +61,11 @@ def is_vision_language_config(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def is_vision_parameter(name: str) -> bool:
+    """Whether a parameter (by its `named_parameters` name) belongs to the vision tower."""
+    return name.startswith(_VISION_PREFIXES)
+
+
 def load_processor(options: ModelOptions) -> Any:
     """AutoProcessor for a vision-language checkpoint, AutoTokenizer for a text-only one."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -141,7 +146,7 @@ def freeze_vision_tower(model: Any) -> int:
     """Set requires_grad=False on the vision tower; returns how many tensors were frozen."""
     frozen = 0
     for name, param in model.named_parameters():
-        if name.startswith(_VISION_PREFIXES):
+        if is_vision_parameter(name):
             param.requires_grad_(False)
             frozen += 1
     if frozen == 0 and is_vision_language_config(model.config):
