@@ -40,8 +40,11 @@ $(VSTAMP): constraints-vllm.txt setup.cfg pyproject.toml
 	$(VPY) -m pip install --quiet --no-compile --no-deps -e .
 	touch $@
 
+# The learner's numerics tests run here too: this is the GPU lock's torch/transformers pair
+# (torch 2.13, transformers < 5.20) on CPU. No torchvision: they run on the tiny text model.
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -m vllm tests/vllm
+	$(VPY) -m pytest tests/integration/test_learner_numerics.py
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks
