@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow test-gpu test-vllm lint format demo clean
+.PHONY: install test test-slow test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
 
 install: $(STAMP)
 
@@ -44,21 +44,47 @@ $(VSTAMP): constraints-vllm.txt setup.cfg pyproject.toml
 	$(VPY) -m pip install --quiet --no-compile --no-deps -e .
 	touch $@
 
+# The learner's numerics tests run here too: this is the GPU lock's torch/transformers pair
+# (torch 2.13, transformers < 5.20) on CPU. No torchvision: they run on the tiny text model.
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -m vllm tests/vllm
+	$(VPY) -m pytest tests/integration/test_learner_numerics.py
+
+# A GPU node's environment: constraints-gpu.txt, the lock of vLLM 0.32.0 with its CUDA torch,
+# DeepSpeed, Ray and this project (CPython 3.11, x86_64 Linux). VENV_GPU is where it goes: a new
+# virtual environment is made there, or an existing one is used, e.g. a shared-filesystem path
+# every Ray node sees, `make install-gpu VENV_GPU=$$CONDA_PREFIX` or `VENV_GPU=$$VIRTUAL_ENV`.
+VENV_GPU ?= .venv-gpu
+GPY := $(VENV_GPU)/bin/python
+
+install-gpu:
+	@py=$(GPY); test -x $$py || py=$(PYTHON); $$py -c 'import sys; sys.exit(None if sys.version_info[:2] == (3, 11) else f"'$$py' is Python {sys.version.split()[0]}; constraints-gpu.txt is a lock for CPython 3.11: set VENV_GPU to a 3.11 environment, or PYTHON to python3.11 for a new one")'
+	test -x $(GPY) || $(PYTHON) -m venv $(VENV_GPU)
+	$(GPY) -m pip install --quiet pip==26.3
+	$(GPY) -m pip install -c constraints-gpu.txt -e '.[vllm,dev]'
+
+# Re-resolve constraints-gpu.txt from constraints-gpu.in with pip (minutes; needs PyPI).
+lock-gpu:
+	$(PYTHON) tools/gpu_lock.py compile
+
+# CI: pip's resolver must accept the GPU lock as a whole and resolve it to exactly its pins. A
+# dry run that reads wheel metadata with range requests: no CUDA wheel is downloaded.
+check-gpu-lock:
+	$(PYTHON) tools/gpu_lock.py check
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks tools
+	$(PY) -m ruff format --check src tests benchmarks tools
 	$(PY) -m mypy
 
 format: install
-	$(PY) -m ruff format src tests benchmarks
-	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks tools
+	$(PY) -m ruff check --fix src tests benchmarks tools
 
 # Extra hydra overrides go in ARGS, e.g. make demo ARGS="trainer.seed=1".
 demo: install
 	$(PY) -m gmai_rl.train $(ARGS)
 
+# Only the default GPU environment: VENV_GPU may name an environment this Makefile did not make.
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VENV_VLLM) .venv-gpu build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

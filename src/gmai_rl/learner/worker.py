@@ -310,6 +310,39 @@ class Learner:
         sums["tokens"] = tokens
         return sums
 
+    def rl_gradients(self, plan: RankBatch) -> list[tuple[str, torch.Tensor]]:
+        """The full gradient of one on-policy RL mini-batch, without a step: (name, grad) on CPU.
+
+        The micro-steps `train_rl` takes for a plan of one mini-batch and one epoch, then every
+        trainable parameter's gradient read back whole from the ZeRO partitions (DeepSpeed's
+        `safe_get_full_grad`, valid between the boundary backward and the step), then the
+        gradients cleared as a step would clear them: parameters, optimizer state and the next
+        accumulation are untouched. For numerics checks; collective: call on every rank.
+        """
+        from deepspeed.utils import safe_get_full_grad
+
+        if len(plan.minibatches) != 1 or self.opts.ppo_epochs != 1:
+            raise ValueError(
+                "rl_gradients takes one on-policy mini-batch: plan it with num_minibatches=1 "
+                f"and set ppo_epochs=1 (got {len(plan.minibatches)} and {self.opts.ppo_epochs})"
+            )
+        self.engine.train()
+        (samples,) = plan.minibatches
+        old: dict[int, torch.Tensor] = {}
+        if self.loss_opts.use_rollout_logprobs:
+            old = {id(s): torch.tensor(s.rollout_logprobs or []) for s in samples}
+        micros = chunk(samples, self.opts.micro_batch_size)
+        for i, micro in enumerate(micros):
+            self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+            self._rl_micro_step(micro, old, plan.num_tokens[0], plan.num_seqs[0])
+        grads = [
+            (name, safe_get_full_grad(p).detach().cpu().clone())
+            for name, p in self.engine.module.named_parameters()
+            if p.requires_grad
+        ]
+        self.optimizer.zero_grad()  # what engine.step() does after its update (ZeRO-2 and -3)
+        return grads
+
     def train_sft(self, samples: Sequence[TrainSample], num_tokens: int) -> dict[str, float]:
         """One optimizer step of token-mean cross-entropy on the samples' completions.
 
