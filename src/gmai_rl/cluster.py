@@ -439,8 +439,13 @@ class Cluster:
             self._await("sleep", self._calls(self.rollouts, "rollout worker", "sleep"))
 
     def wake_rollouts(self) -> None:
-        """... and take it back before the weight push and generation."""
+        """... and take it back before the weight push and generation, once the learners have
+        returned their allocator's cached blocks (training's peak would otherwise stay
+        reserved beside the waking engine)."""
         if self.rollouts_sleep:
+            self._await(
+                "wake up", self._calls(self.learners, "learner rank", "release_cached_memory")
+            )
             self._await("wake up", self._calls(self.rollouts, "rollout worker", "wake_up"))
 
     def policy_version(self) -> int:

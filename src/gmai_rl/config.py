@@ -282,6 +282,13 @@ def validate(cfg: TrainConfig) -> None:
         errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         errors.append(f"learner.zero_stage={cfg.learner.zero_stage}: expected 0-3")
+    elif cfg.learner.zero_stage == 0 and cfg.learner.bf16:
+        # DeepSpeed 0.19.8 has no fp32 gradient accumulation for bf16 without ZeRO
+        # (engine._do_optimizer_sanity_check raises NotImplementedError).
+        errors.append(
+            "learner.zero_stage=0 with learner.bf16=true: bf16 training needs ZeRO >= 1 here "
+            "(gradients accumulate in fp32 only under ZeRO); set learner.zero_stage=1"
+        )
     for key in ("learner_ranks", "rollout_workers"):
         if getattr(cfg.cluster, key) < 1:
             errors.append(f"cluster.{key} must be >= 1")

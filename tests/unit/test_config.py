@@ -222,3 +222,9 @@ def test_a_colocated_vllm_engine_that_sleeps_is_a_valid_gpu_layout():
             "rollout.vllm.enable_sleep_mode=true",
         )
     )
+
+
+def test_bf16_without_zero_is_refused_before_deepspeed_would_fail():
+    with pytest.raises(ValueError, match="bf16 training needs ZeRO >= 1"):
+        validate(train_config("learner.zero_stage=0", "learner.bf16=true"))
+    validate(train_config("learner.zero_stage=1", "learner.bf16=true"))

@@ -436,6 +436,12 @@ class Learner:
     def ping(self) -> int:
         return self.rank
 
+    def release_cached_memory(self) -> None:
+        """Hand the CUDA caching allocator's free blocks back to the device, so that a colocated
+        vLLM engine waking up finds the memory training peaked at (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Stack 1-D rows into a zero-padded [b, C] tensor shaped like `like`."""
