@@ -15,19 +15,20 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
-from gmai_rl.algo import entropy_from_logits, policy_loss, token_logprobs
+from gmai_rl.algo import policy_loss
 from gmai_rl.learner.batching import RankBatch, chunk
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
-from gmai_rl.models.inputs import build_policy_batch, completion_logits
+from gmai_rl.models.inputs import PolicyBatch, build_policy_batch
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
+from gmai_rl.models.scoring import completion_scores
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.group import SyncGroup, init_sync_group
@@ -185,25 +186,45 @@ class Learner:
 
     # ------------------------------------------------------------------------------ scoring
 
-    def _completion_logits(self, module: Any, batch: Any) -> torch.Tensor:
-        """[B, C, V] logits predicting each completion token, vision tokens masked out."""
-        inputs = {k: v.to(self.device) for k, v in batch.model_inputs.items()}
-        logits = module(**inputs, use_cache=False).logits  # [B, L, V]
-        logits = completion_logits(logits, batch.logit_index.to(self.device))  # [B, C, V]
-        if self.suppressed:
-            logits[..., self.suppressed] = float("-inf")
-        return logits
+    def _completion_scores(
+        self, engine: Any, batch: PolicyBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[b, C] log-probs (and entropies) of a batch's completions under `engine`'s model.
 
-    def _logprobs(self, logits: torch.Tensor, batch: Any, temperature: float) -> torch.Tensor:
-        return token_logprobs(
-            logits, batch.completion_ids.to(self.device), temperature, self.opts.logprob_chunk_size
-        )  # [B, C]
+        The LM head runs on the completion positions only, in chunks recomputed in backward
+        (`models.scoring`): no [b, L, V] or [b, C, V] logits are made or kept.
+
+        The head is called as a module, once per chunk and again in that chunk's recomputation,
+        so that DeepSpeed sees each use of its weight. Under ZeRO-3 the weight is partitioned and
+        only the module's hooks gather it: for the call, for the recomputation and for the
+        backward, releasing it after, as for every other layer (a tied embedding is the same
+        parameter, gathered the same way). A fused function fed `lm_head.weight` directly would
+        read an empty shard, and gathering it by hand (`GatheredParameters`) would cover the
+        forward but not a backward that runs later inside `engine.backward`. ZeRO-2 (and the
+        stage-0 reference) keep whole parameters; the hooks do not exist and nothing changes.
+        """
+        batch = batch.to(self.device)
+
+        def score(**model_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return completion_scores(
+                engine.module,
+                replace(batch, model_inputs=model_inputs),
+                temperature,
+                self.suppressed,
+                self.opts.logprob_chunk_size,
+                with_entropy,
+            )
+
+        scores: tuple[torch.Tensor, torch.Tensor | None] = _as_engine_forward(
+            engine, score, batch.model_inputs
+        )
+        return scores
 
     @torch.no_grad()
-    def _frozen_logprobs(self, module: Any, batch: Any) -> torch.Tensor:
-        """[b, C] log-probs of a batch's completions under `module`, without a graph."""
-        logits = self._completion_logits(module, batch)
-        return self._logprobs(logits, batch, self.loss_opts.temperature).float()
+    def _frozen_logprobs(self, engine: Any, batch: PolicyBatch) -> torch.Tensor:
+        """[b, C] log-probs of a batch's completions under `engine`'s model, without a graph."""
+        logprobs, _ = self._completion_scores(engine, batch, self.loss_opts.temperature)
+        return logprobs.float()
 
     def _score(self, module: Any, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
         """Per-micro-batch [b, C] log-probs of the samples' completions under `module`, on CPU."""
@@ -260,8 +281,10 @@ class Learner:
         lo = self.loss_opts
         batch = build_policy_batch(self.processor, micro, self.pad_id)
         mask = batch.completion_mask.to(self.device)  # [b, C]
-        logits = self._completion_logits(self.engine, batch)  # [b, C, V]
-        logprobs = self._logprobs(logits, batch, lo.temperature)  # [b, C]
+        logprobs, entropy = self._completion_scores(
+            self.engine, batch, lo.temperature, with_entropy=True
+        )  # [b, C] each
+        assert entropy is not None
         old_logprobs = _pad_rows([old[id(s)] for s in micro], mask) if old else logprobs.detach()
         ref_logprobs = None
         if self.reference is not None:
@@ -285,10 +308,6 @@ class Learner:
         )
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of a global sum.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        with torch.no_grad():
-            entropy = entropy_from_logits(
-                logits.detach(), lo.temperature, chunk_size=self.opts.logprob_chunk_size
-            )
         tokens = float(mask.sum())
         sums = {k: float(v) for k, v in metrics.items() if k in LOSS_TERMS}
         for k, v in metrics.items():
@@ -296,7 +315,7 @@ class Learner:
                 continue
             # Extremes combine by min/max; per-token means are weighted by this micro-batch's tokens.
             sums[k] = float(v) if k.endswith(("_min", "_max")) else float(v) * tokens
-        sums["entropy"] = float((entropy.nan_to_num(0.0) * mask).sum())
+        sums["entropy"] = float((entropy * mask).sum())
         sums["tokens"] = tokens
         return sums
 
@@ -313,7 +332,7 @@ class Learner:
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
             batch = build_policy_batch(self.processor, micro, self.pad_id)
             mask = batch.completion_mask.to(self.device)
-            logprobs = self._logprobs(self._completion_logits(self.engine, batch), batch, 1.0)
+            logprobs, _ = self._completion_scores(self.engine, batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             total += loss.item()
@@ -362,6 +381,28 @@ class Learner:
 
     def ping(self) -> int:
         return self.rank
+
+
+def _as_engine_forward(engine: Any, fn: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Any:
+    """`fn(**inputs)`, run through `engine(**inputs)` in place of its module's `forward`.
+
+    DeepSpeed does its work around its module's forward: hooks on the outputs that open ZeRO's
+    backward bookkeeping (`engine.backward` relies on them), and under ZeRO-3 the start of the
+    parameter-fetch trace. The learner's forward is not the HF one (that would compute logits at
+    every position), so `fn` stands in for it for this one call: the module's own forward is
+    restored before `fn` runs, so calls of submodules inside `fn` are ordinary.
+    """
+    module = engine.module
+
+    def forward(**kwargs: torch.Tensor) -> Any:
+        module.__dict__.pop("forward", None)
+        return fn(**kwargs)
+
+    module.forward = forward
+    try:
+        return engine(**inputs)
+    finally:
+        module.__dict__.pop("forward", None)
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
