@@ -92,7 +92,11 @@ def test_two_ranks_with_micro_batches_match_one_full_batch(
     local_ray, tiny_model_dir, samples, zero_stage
 ):
     expected = reference_grad_norm(tiny_model_dir, samples)
-    opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1)
+    # Chunks of 4 completion tokens: the LM head runs (and is recomputed in backward) several
+    # times per micro-batch, each time on a weight ZeRO-3 must gather.
+    opts = LearnerOptions(
+        zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1, logprob_chunk_size=4
+    )
     ranks = start_ranks(tiny_model_dir, opts)
     try:
         metrics = train(ranks, samples)  # 3 micro-batches per rank

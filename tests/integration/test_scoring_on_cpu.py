@@ -144,3 +144,23 @@ def test_a_model_that_transforms_its_logits_is_refused():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         completion_scores(model, random_batch(50, [4], [3]))
+
+
+def test_the_head_module_is_called_once_whatever_the_number_of_chunks():
+    """Hooks on the head (DeepSpeed ZeRO-3 gathers its weight in them) must see one call in
+    forward and one backward through its output: a per-chunk count would differ between ranks
+    with different numbers of tokens."""
+    model = text_model(vocab_size=300)
+    head = model.get_output_embeddings()
+    calls, backwards = [], []
+
+    def on_output(module, args, output):
+        calls.append(args[0].shape[0])
+        output[0].register_hook(lambda grad: backwards.append(grad.shape[0]))
+
+    head.register_forward_hook(on_output)
+    batch = random_batch(300, prompt_lens=[7, 12, 3], completion_lens=[5, 2, 9])
+    logprobs, _ = completion_scores(model, batch, chunk_size=2)  # 16 tokens, 8 chunks
+    logprobs.sum().backward()
+    assert calls == [16] and backwards == [16]
+    assert head.forward.__func__ is torch.nn.Linear.forward  # the module's own forward is back

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
 from gmai_rl.models.inputs import PolicyBatch, build_policy_batch
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.models.scoring import completion_scores
+from gmai_rl.models.scoring import completion_scores, forward_replaced
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.group import SyncGroup, init_sync_group
@@ -194,14 +194,21 @@ class Learner:
         The LM head runs on the completion positions only, in chunks recomputed in backward
         (`models.scoring`): no [b, L, V] or [b, C, V] logits are made or kept.
 
-        The head is called as a module, once per chunk and again in that chunk's recomputation,
-        so that DeepSpeed sees each use of its weight. Under ZeRO-3 the weight is partitioned and
-        only the module's hooks gather it: for the call, for the recomputation and for the
-        backward, releasing it after, as for every other layer (a tied embedding is the same
-        parameter, gathered the same way). A fused function fed `lm_head.weight` directly would
-        read an empty shard, and gathering it by hand (`GatheredParameters`) would cover the
-        forward but not a backward that runs later inside `engine.backward`. ZeRO-2 (and the
-        stage-0 reference) keep whole parameters; the hooks do not exist and nothing changes.
+        Under ZeRO-3 the head's weight is partitioned, and only the module's hooks gather it: in
+        its pre-forward hook for the call, in a hook on its outputs for its backward. So the fused
+        head runs as the head module's forward, once per micro-batch: the weight is whole in both
+        passes, the gradient reaches it while it is whole (autograd runs a leaf's accumulation
+        first), and every rank makes the same two gathers whatever its number of tokens or chunks
+        (calling the module once per chunk would not: ranks with different token counts would
+        issue different numbers of collectives and hang). Reading `lm_head.weight` outside a call
+        would see an empty shard, and `GatheredParameters` around the forward would not cover the
+        backward, which runs later inside `engine.backward`. A tied embedding is the same
+        parameter, gathered the same way. ZeRO-2 (and the stage-0 reference) keep whole
+        parameters: no hooks, nothing changes.
+
+        The whole scoring runs as the engine module's forward, through `engine(...)`: DeepSpeed
+        hooks the engine's outputs to open its backward bookkeeping (`engine.backward` relies on
+        it) and starts ZeRO-3's fetch trace at the module's forward.
         """
         batch = batch.to(self.device)
 
@@ -215,9 +222,8 @@ class Learner:
                 with_entropy,
             )
 
-        scores: tuple[torch.Tensor, torch.Tensor | None] = _as_engine_forward(
-            engine, score, batch.model_inputs
-        )
+        with forward_replaced(engine.module, score):
+            scores: tuple[torch.Tensor, torch.Tensor | None] = engine(**batch.model_inputs)
         return scores
 
     @torch.no_grad()
@@ -381,28 +387,6 @@ class Learner:
 
     def ping(self) -> int:
         return self.rank
-
-
-def _as_engine_forward(engine: Any, fn: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Any:
-    """`fn(**inputs)`, run through `engine(**inputs)` in place of its module's `forward`.
-
-    DeepSpeed does its work around its module's forward: hooks on the outputs that open ZeRO's
-    backward bookkeeping (`engine.backward` relies on them), and under ZeRO-3 the start of the
-    parameter-fetch trace. The learner's forward is not the HF one (that would compute logits at
-    every position), so `fn` stands in for it for this one call: the module's own forward is
-    restored before `fn` runs, so calls of submodules inside `fn` are ordinary.
-    """
-    module = engine.module
-
-    def forward(**kwargs: torch.Tensor) -> Any:
-        module.__dict__.pop("forward", None)
-        return fn(**kwargs)
-
-    module.forward = forward
-    try:
-        return engine(**inputs)
-    finally:
-        module.__dict__.pop("forward", None)
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
