@@ -8,8 +8,9 @@ the test rewards by dotted path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,63 @@ def length_reward(completion: str, item: Any) -> dict[str, float]:
 
 LENGTH_REWARD = "support:length_reward"
 """The dotted path of `length_reward` for `reward.fn=`."""
+
+
+# ------------------------------------------------------------------ memory of an autograd pass
+
+
+@dataclass
+class AutogradMemory:
+    """What one forward+backward allocated, by tensor shapes (see `autograd_memory`)."""
+
+    saved: dict[int, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    """Storage address -> (shape, bytes) of each tensor autograd kept for backward."""
+    largest: int = 0
+    """Bytes of the largest tensor any operator produced, in forward or in backward."""
+    largest_shape: tuple[int, ...] = ()
+
+    def saved_with_dim(self, size: int) -> int:
+        """Bytes kept for backward in tensors with a dimension of `size` (e.g. the vocabulary)."""
+        return sum(nbytes for shape, nbytes in self.saved.values() if size in shape)
+
+
+def autograd_memory(run: Callable[[], Any], exclude: Iterable[Any] = ()) -> AutogradMemory:
+    """Record what `run()` (a forward and its backward) keeps and makes, exactly and by shape.
+
+    torch's CPU allocator has no peak counter and RSS is noisy, so this counts tensors instead:
+    `saved_tensors_hooks` see every tensor autograd saves for backward (the memory held between
+    forward and backward; a tensor saved inside an activation checkpoint is dropped by the
+    checkpoint and not seen, which is right: it is not held), and a dispatch mode sees every
+    operator's output, forward, backward and checkpoint recomputation alike (the transient peak is
+    at most the held memory plus a few of the largest outputs). Tensors sharing the storage of one
+    in `exclude` (the parameters and inputs, alive anyway) are not counted as saved.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    memory = AutogradMemory()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    held: list[Any] = []  # keeps saved storages alive, so that no address is reused meanwhile
+
+    def pack(tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            memory.saved[storage.data_ptr()] = (tuple(tensor.shape), storage.nbytes())
+            held.append(tensor)
+        return tensor
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    # A view (or an expanded index) allocates at most its storage.
+                    nbytes = min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+                    if nbytes > memory.largest:
+                        memory.largest, memory.largest_shape = nbytes, tuple(t.shape)
+            return out
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Largest():
+        run()
+    return memory

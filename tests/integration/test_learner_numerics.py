@@ -172,7 +172,11 @@ def test_gradient_comparison_tells_flipped_advantages_apart(model_case):
 def test_two_ranks_with_micro_batches_match_one_full_batch(local_ray, model_case, zero_stage):
     model_dir, samples = model_case
     expected = reference_gradients(model_dir, samples)
-    opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1)
+    # Chunks of 4 completion tokens: the LM head runs (and is recomputed in backward) several
+    # times per micro-batch, each time on a weight ZeRO-3 must gather.
+    opts = LearnerOptions(
+        zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1, logprob_chunk_size=4
+    )
     ranks = start_ranks(model_dir, opts)
     try:
         # 3 micro-batches per rank. Every rank reads back the same full gradient.

@@ -2,8 +2,9 @@
 
 One `RolloutWorker(backend="vllm")` for the module (the engine runs in this process:
 VLLM_ENABLE_V1_MULTIPROCESSING=0), on the tiny fp32 text model. Reference numbers come from the
-learner's own scoring path (`build_policy_batch` -> logits -> vision mask -> `token_logprobs`) on
-an HF copy of the same weights. Tolerance: 2e-4 nats in fp32 (vLLM's CPU kernels sum in another
+learner's scoring in its full-forward reference form (`build_policy_batch` -> logits -> vision
+mask -> `token_logprobs`; the learner's chunked path equals it, tests/integration/
+test_scoring_on_cpu.py) on an HF copy of the same weights. Tolerance: 2e-4 nats in fp32 (vLLM's CPU kernels sum in another
 order than torch's; measured <= 2e-5 on this machine). The weight-update tests run last and
 change the engine's weights; each compares against the HF model holding the weights it pushed.
 The very last one breaks the engine on purpose.

@@ -7,7 +7,7 @@ Ray, vLLM, DeepSpeed or transformers import here (tests/unit/test_algo_imports.p
 from gmai_rl.algo.advantages import ESTIMATORS, group_advantages
 from gmai_rl.algo.filters import FilterResult, filter_by_accuracy, filter_zero_variance
 from gmai_rl.algo.kl import KL_ESTIMATORS, kl_estimate
-from gmai_rl.algo.logprobs import entropy_from_logits, token_logprobs
+from gmai_rl.algo.logprobs import entropy_from_logits, linear_token_logprobs, token_logprobs
 from gmai_rl.algo.loss import AGG_MODES, aggregate, loss_normalisers, policy_loss
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "filter_zero_variance",
     "group_advantages",
     "kl_estimate",
+    "linear_token_logprobs",
     "loss_normalisers",
     "policy_loss",
     "token_logprobs",

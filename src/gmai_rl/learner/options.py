@@ -116,7 +116,11 @@ class LearnerOptions:
     torch_threads: int = 1
     """Intra-op threads of this process on CPU (keep ranks x threads <= cores)."""
     logprob_chunk_size: int = 512
-    """Positions per chunk in the vocabulary-sized log-prob and entropy computations."""
+    """Completion tokens per chunk of the fused LM head when the learner scores completions. The
+    vocabulary-sized memory is a few chunks of fp32 logits (chunk x V x 4 bytes each: 311 MB at
+    512 x 151,936), whatever the batch, prompt and completion lengths; backward also sums the
+    head's weight gradient over chunks in fp32 (V x H x 4 bytes, with one chunk's V x H product in
+    the head's dtype). Smaller saves memory, larger makes fewer, bigger matmuls."""
 
     @property
     def optimizer_steps_per_batch(self) -> int:

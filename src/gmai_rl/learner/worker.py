@@ -17,20 +17,21 @@ import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
-from gmai_rl.algo import entropy_from_logits, policy_loss, token_logprobs
+from gmai_rl.algo import policy_loss
 from gmai_rl.learner.batching import RankBatch, chunk
 from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
 from gmai_rl.models.device import require_cuda
-from gmai_rl.models.inputs import build_policy_batch, completion_logits
+from gmai_rl.models.inputs import PolicyBatch, build_policy_batch
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
+from gmai_rl.models.scoring import completion_scores, forward_replaced
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.group import SyncGroup, init_sync_group
@@ -195,25 +196,51 @@ class Learner:
 
     # ------------------------------------------------------------------------------ scoring
 
-    def _completion_logits(self, module: Any, batch: Any) -> torch.Tensor:
-        """[B, C, V] logits predicting each completion token, vision tokens masked out."""
-        inputs = {k: v.to(self.device) for k, v in batch.model_inputs.items()}
-        logits = module(**inputs, use_cache=False).logits  # [B, L, V]
-        logits = completion_logits(logits, batch.logit_index.to(self.device))  # [B, C, V]
-        if self.suppressed:
-            logits[..., self.suppressed] = float("-inf")
-        return logits
+    def _completion_scores(
+        self, engine: Any, batch: PolicyBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[b, C] log-probs (and entropies) of a batch's completions under `engine`'s model.
 
-    def _logprobs(self, logits: torch.Tensor, batch: Any, temperature: float) -> torch.Tensor:
-        return token_logprobs(
-            logits, batch.completion_ids.to(self.device), temperature, self.opts.logprob_chunk_size
-        )  # [B, C]
+        The LM head runs on the completion positions only, in chunks recomputed in backward
+        (`models.scoring`): no [b, L, V] or [b, C, V] logits are made or kept.
+
+        Under ZeRO-3 the head's weight is partitioned, and only the module's hooks gather it: in
+        its pre-forward hook for the call, in a hook on its outputs for its backward. So the fused
+        head runs as the head module's forward, once per micro-batch: the weight is whole in both
+        passes, the gradient reaches it while it is whole (autograd runs a leaf's accumulation
+        first), and every rank makes the same two gathers whatever its number of tokens or chunks
+        (calling the module once per chunk would not: ranks with different token counts would
+        issue different numbers of collectives and hang). Reading `lm_head.weight` outside a call
+        would see an empty shard, and `GatheredParameters` around the forward would not cover the
+        backward, which runs later inside `engine.backward`. A tied embedding is the same
+        parameter, gathered the same way. ZeRO-2 (and the stage-0 reference) keep whole
+        parameters: no hooks, nothing changes.
+
+        The whole scoring runs as the engine module's forward, through `engine(...)`: DeepSpeed
+        hooks the engine's outputs to open its backward bookkeeping (`engine.backward` relies on
+        it) and starts ZeRO-3's fetch trace at the module's forward.
+        """
+        batch = batch.to(self.device)
+
+        def score(**model_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return completion_scores(
+                engine.module,
+                replace(batch, model_inputs=model_inputs),
+                temperature,
+                self.suppressed,
+                self.opts.logprob_chunk_size,
+                with_entropy,
+            )
+
+        with forward_replaced(engine.module, score):
+            scores: tuple[torch.Tensor, torch.Tensor | None] = engine(**batch.model_inputs)
+        return scores
 
     @torch.no_grad()
-    def _frozen_logprobs(self, module: Any, batch: Any) -> torch.Tensor:
-        """[b, C] log-probs of a batch's completions under `module`, without a graph."""
-        logits = self._completion_logits(module, batch)
-        return self._logprobs(logits, batch, self.loss_opts.temperature).float()
+    def _frozen_logprobs(self, engine: Any, batch: PolicyBatch) -> torch.Tensor:
+        """[b, C] log-probs of a batch's completions under `engine`'s model, without a graph."""
+        logprobs, _ = self._completion_scores(engine, batch, self.loss_opts.temperature)
+        return logprobs.float()
 
     def _score(self, module: Any, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
         """Per-micro-batch [b, C] log-probs of the samples' completions under `module`, on CPU."""
@@ -270,8 +297,10 @@ class Learner:
         lo = self.loss_opts
         batch = build_policy_batch(self.processor, micro, self.pad_id)
         mask = batch.completion_mask.to(self.device)  # [b, C]
-        logits = self._completion_logits(self.engine, batch)  # [b, C, V]
-        logprobs = self._logprobs(logits, batch, lo.temperature)  # [b, C]
+        logprobs, entropy = self._completion_scores(
+            self.engine, batch, lo.temperature, with_entropy=True
+        )  # [b, C] each
+        assert entropy is not None
         old_logprobs = _pad_rows([old[id(s)] for s in micro], mask) if old else logprobs.detach()
         ref_logprobs = None
         if self.reference is not None:
@@ -295,10 +324,6 @@ class Learner:
         )
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of a global sum.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        with torch.no_grad():
-            entropy = entropy_from_logits(
-                logits.detach(), lo.temperature, chunk_size=self.opts.logprob_chunk_size
-            )
         tokens = float(mask.sum())
         sums = {k: float(v) for k, v in metrics.items() if k in LOSS_TERMS}
         for k, v in metrics.items():
@@ -306,7 +331,7 @@ class Learner:
                 continue
             # Extremes combine by min/max; per-token means are weighted by this micro-batch's tokens.
             sums[k] = float(v) if k.endswith(("_min", "_max")) else float(v) * tokens
-        sums["entropy"] = float((entropy.nan_to_num(0.0) * mask).sum())
+        sums["entropy"] = float((entropy * mask).sum())
         sums["tokens"] = tokens
         return sums
 
@@ -356,7 +381,7 @@ class Learner:
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
             batch = build_policy_batch(self.processor, micro, self.pad_id)
             mask = batch.completion_mask.to(self.device)
-            logprobs = self._logprobs(self._completion_logits(self.engine, batch), batch, 1.0)
+            logprobs, _ = self._completion_scores(self.engine, batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             total += loss.item()

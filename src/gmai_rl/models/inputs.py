@@ -91,6 +91,15 @@ class PolicyBatch:
     logit_index: torch.Tensor
     """[B, C] position in the sequence whose logits predict completion token (b, c)."""
 
+    def to(self, device: torch.device | str) -> PolicyBatch:
+        """The same batch with every tensor on `device`."""
+        return PolicyBatch(
+            {k: v.to(device) for k, v in self.model_inputs.items()},
+            self.completion_ids.to(device),
+            self.completion_mask.to(device),
+            self.logit_index.to(device),
+        )
+
 
 def build_policy_batch(
     processor: Any, samples: Sequence[TrainSample], pad_token_id: int
@@ -151,6 +160,10 @@ def build_policy_batch(
 
 
 def completion_logits(logits: torch.Tensor, logit_index: torch.Tensor) -> torch.Tensor:
-    """Select the logits that predict each completion token: [B, L, V] -> [B, C, V]."""
+    """Select the logits that predict each completion token: [B, L, V] -> [B, C, V].
+
+    The reference path (full forward, then select): tests compare the learner's chunked scoring
+    (`models.scoring.completion_scores`) and the rollout engines against it.
+    """
     index = logit_index.unsqueeze(-1).expand(-1, -1, logits.size(-1))  # [B, C, V]
     return logits.gather(1, index)

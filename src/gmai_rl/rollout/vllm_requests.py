@@ -17,7 +17,7 @@ Sampling. `logprobs=0` returns the sampled token's log-prob at every step; with 
 `logprobs_mode="processed_logprobs"` it is log softmax(masked logits / T), over the top-p nucleus
 when top_p < 1 (the learner scores the untruncated distribution: use top_p=1 for training). Vision
 special tokens are banned through `bad_words` (vLLM masks their logits to -inf before temperature,
-which is what the learner does in `_completion_logits`); `logit_bias` is clamped to [-100, 100] in
+which is what the learner does in `models.scoring`); `logit_bias` is clamped to [-100, 100] in
 vLLM and would leave them a tiny mass.
 """
 
