@@ -457,6 +457,34 @@ class Cluster:
             raise RuntimeError(f"rollout workers disagree on the policy version: {versions}")
         return int(versions[0])
 
+    def save_state(self, folder: str) -> None:
+        """Every actor writes its part of a resumable checkpoint into `folder` (a path every
+        node can reach): the learner ranks their DeepSpeed state, the rollout workers their RNG."""
+        calls = self._calls(self.learners, "learner rank", "save_state", folder)
+        calls += [
+            (f"rollout worker {i}", worker.save_state.remote(f"{folder}/rollout_{i}.pt"))
+            for i, worker in enumerate(self.rollouts)
+        ]
+        self._await("save checkpoint", calls)
+
+    def restore_state(self, folder: str, policy_version: int) -> None:
+        """Load a checkpoint `save_state` wrote: the learners' state, then a full weight push
+        (the workers started from the model path), then the workers' RNG and policy version."""
+        self._await(
+            "load checkpoint", self._calls(self.learners, "learner rank", "load_state", folder)
+        )
+        self.frozen_pushed = False
+        self.sync_weights(self.cfg.sync.verify)
+        self._await(
+            "load checkpoint",
+            [
+                (f"rollout worker {i}", worker.load_state.remote(f"{folder}/rollout_{i}.pt"))
+                for i, worker in enumerate(self.rollouts)
+            ],
+        )
+        if self.policy_version() != policy_version:
+            raise RuntimeError(f"resumed workers are not at policy version {policy_version}")
+
     def save(self, path: str) -> None:
         """Write the policy as an HF checkpoint (every rank takes part; rank 0 writes)."""
         self._await("save", self._calls(self.learners, "learner rank", "save_pretrained", path))

@@ -228,8 +228,15 @@ class TrainerConfig:
     machine under 10 min; 150 reach ~100% held-out accuracy on seeds 0-2."""
     eval_every: int = 100
     """Evaluate every N steps (0: only before and after RL)."""
-    save_every: int = 0
-    """Write an HF checkpoint every N steps (0: only at the end)."""
+    save_every: int = 50
+    """Write a resumable checkpoint (gmai_rl.checkpoint) every N RL steps and after the last
+    one, into <output_dir>/checkpoints; 0 writes none."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept: older ones are deleted once a newer one is complete."""
+    resume: str | None = None
+    """Continue a run: "auto" (the latest complete checkpoint in output_dir; a fresh start when
+    there is none) or a checkpoint folder; null starts fresh (refused when output_dir already
+    holds checkpoints, so that nothing is overwritten by accident)."""
     save_final: bool = True
     """Write the final policy as an HF checkpoint to <output_dir>/final."""
     seed: int = 0
@@ -278,6 +285,8 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
     errors += _vllm_errors(cfg)
     errors += _gpu_errors(cfg)
+    if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
+        errors.append("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
     if cfg.sync.max_buckets_in_flight < 1:
         errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):

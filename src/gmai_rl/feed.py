@@ -88,6 +88,23 @@ class ItemSampler(Generic[T]):
         self.order: list[int] = []
         self.epoch = 0
 
+    def state(self) -> dict[str, Any]:
+        """Where the sampler is, as JSON-able data (for a resumable checkpoint)."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "order": list(self.order),
+            "epoch": self.epoch,
+            "rng": [version, list(internal), gauss],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state()` was taken (the same items in the same order)."""
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.epoch = list(state["order"]), int(state["epoch"])
+        if any(not 0 <= i < len(self.items) for i in self.order):
+            raise ValueError("the sampler state does not fit these items (another dataset?)")
+
     def take(self, k: int) -> list[T]:
         out: list[T] = []
         while len(out) < k:

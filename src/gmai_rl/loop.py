@@ -23,6 +23,15 @@ from typing import Any
 import torch
 
 from gmai_rl.algo import filter_by_accuracy, group_advantages
+from gmai_rl.checkpoint import (
+    DriverState,
+    begin,
+    checkpoint_root,
+    commit,
+    complete_checkpoints,
+    prune,
+    resolve_resume,
+)
 from gmai_rl.cluster import Cluster, init_ray
 from gmai_rl.config import AlgoConfig, TrainConfig, validate
 from gmai_rl.data import build_prompt
@@ -44,24 +53,32 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the configured job end to end; returns what eval.json holds."""
+    """Run the configured job end to end (or continue it from a checkpoint: `trainer.resume`);
+    returns what eval.json holds."""
     validate(cfg)
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume = resume_point(cfg)
     prepare_artifacts(cfg)
     data = load_datasets(cfg)
     preflight(cfg, [*data.train, *data.eval])
     init_ray(cfg)
     cluster = Cluster.start(cfg)
-    metrics = MetricsLog(out / "metrics.jsonl")
+    state = DriverState.read(resume) if resume else None
+    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines if state else 0)
     result: dict[str, Any] = {"output_dir": str(out)}
     try:
-        if cfg.sft.enabled:
-            run_sft(cluster, data.sft, cfg, metrics)
-            cluster.sync_weights(cfg.sync.verify)
-        result["before_rl"] = evaluate(cluster, data.eval, cfg)
-        log.info("held-out before RL: %s", eval_line(result["before_rl"]))
-        result["during_rl"] = run_rl(cluster, data, cfg, metrics, out)
+        if state is not None:
+            cluster.restore_state(str(resume), state.policy_version)
+            log.info("resumed from %s after RL step %d", resume, state.step)
+            result["before_rl"] = state.before_rl
+        else:
+            if cfg.sft.enabled:
+                run_sft(cluster, data.sft, cfg, metrics)
+                cluster.sync_weights(cfg.sync.verify)
+            result["before_rl"] = evaluate(cluster, data.eval, cfg)
+            log.info("held-out before RL: %s", eval_line(result["before_rl"]))
+        result["during_rl"] = run_rl(cluster, data, cfg, metrics, result["before_rl"], state)
         result["after_rl"] = evaluate(cluster, data.eval, cfg)
         log.info("held-out after RL: %s", eval_line(result["after_rl"]))
         if cfg.trainer.save_final:
@@ -72,6 +89,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         metrics.close()
         cluster.shutdown()
     return result
+
+
+def resume_point(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from; a fresh start may not overwrite another run's."""
+    resume = resolve_resume(cfg.trainer.resume, cfg.trainer.output_dir)
+    existing = complete_checkpoints(checkpoint_root(cfg.trainer.output_dir))
+    if cfg.trainer.resume is None and existing:
+        raise ValueError(
+            f"trainer.output_dir={cfg.trainer.output_dir} already holds checkpoints of a run "
+            f"({existing[-1].name}): set trainer.resume=auto to continue it, or choose another "
+            "trainer.output_dir"
+        )
+    return resume
 
 
 def preflight(cfg: TrainConfig, items: Sequence[MCQItem]) -> None:
@@ -122,14 +152,27 @@ def run_sft(
 
 
 def run_rl(
-    cluster: Cluster, data: Datasets, cfg: TrainConfig, metrics: MetricsLog, out: Path
+    cluster: Cluster,
+    data: Datasets,
+    cfg: TrainConfig,
+    metrics: MetricsLog,
+    before_rl: dict[str, Any],
+    resume: DriverState | None = None,
 ) -> list[dict[str, Any]]:
-    """`trainer.steps` RL steps with periodic evaluation and checkpoints; returns the evaluations."""
-    # The KL reference (if any) is the policy RL starts from, i.e. after the SFT cold start.
-    cluster.start_stage(cfg.rl_optim, reset_reference=True)
+    """`trainer.steps` RL steps with periodic evaluation and checkpoints; returns the evaluations.
+
+    From a checkpoint (`resume`) the learners already hold their stage, schedule position and KL
+    reference, and the item order continues where it stopped.
+    """
     sampler = ItemSampler(data.train, cfg.trainer.seed)
-    history = []
-    for step in range(cfg.trainer.steps):
+    history: list[dict[str, Any]] = []
+    if resume is None:
+        # The KL reference (if any) is the policy RL starts from, i.e. after the SFT cold start.
+        cluster.start_stage(cfg.rl_optim, reset_reference=True)
+    else:
+        sampler.load_state(resume.sampler)
+        history = list(resume.during_rl)
+    for step in range(resume.step if resume else 0, cfg.trainer.steps):
         record = step_metrics(step, rl_step(cluster, sampler, cfg))
         metrics.write(record)
         log.info(progress_line(record, cfg.trainer.steps))
@@ -143,9 +186,26 @@ def run_rl(
             history.append(evaluation)
             metrics.write({"stage": "eval", **evaluation})
             log.info("held-out at step %d: %s", done, eval_line(evaluation))
-        if cfg.trainer.save_every and done % cfg.trainer.save_every == 0:
-            cluster.save(str(out / "checkpoints" / f"step_{done}"))
+        every = cfg.trainer.save_every
+        if every and (done % every == 0 or done == cfg.trainer.steps):
+            state = DriverState(
+                done, record["policy_version"], sampler.state(), metrics.lines, before_rl, history
+            )
+            save_checkpoint(cluster, cfg, state)
     return history
+
+
+def save_checkpoint(cluster: Cluster, cfg: TrainConfig, state: DriverState) -> Path:
+    """Write a resumable checkpoint atomically (gmai_rl.checkpoint), keep the newest ones."""
+    root = checkpoint_root(cfg.trainer.output_dir)
+    partial = begin(root, state.step)
+    start = time.perf_counter()
+    cluster.save_state(str(partial))
+    state.write(partial)
+    final = commit(partial)
+    prune(root, cfg.trainer.keep_checkpoints)
+    log.info("checkpoint %s written in %.1f s", final, time.perf_counter() - start)
+    return final
 
 
 def rl_step(cluster: Cluster, sampler: ItemSampler[MCQItem], cfg: TrainConfig) -> StepRecord:

@@ -120,14 +120,24 @@ def eval_line(evaluation: dict[str, Any]) -> str:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per step, flushed as written."""
+    """metrics.jsonl: one JSON object per step, flushed as written.
 
-    def __init__(self, path: Path) -> None:
+    `keep_lines` lines of an existing file are kept (a resumed run continues after the lines
+    its checkpoint had seen; later ones belong to the steps being redone), the rest is dropped.
+    """
+
+    def __init__(self, path: Path, keep_lines: int = 0) -> None:
+        kept = path.read_text().splitlines(keepends=True)[:keep_lines] if path.exists() else []
+        if len(kept) < keep_lines:
+            raise ValueError(f"{path} has {len(kept)} lines; the checkpoint expects {keep_lines}")
+        path.write_text("".join(kept))
         self.file = path.open("a")
+        self.lines = len(kept)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.lines += 1
 
     def close(self) -> None:
         self.file.close()

@@ -30,7 +30,7 @@ LAYERS: list[list[str]] = [
     ["rollout", "learner", "reward.worker"],
     ["config"],
     ["cluster"],
-    ["feed", "metrics", "evaluate", "plan"],
+    ["feed", "metrics", "evaluate", "plan", "checkpoint"],
     ["loop"],
     ["train", "synth"],
     ["cli"],

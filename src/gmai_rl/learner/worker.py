@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
-from gmai_rl.models.device import require_cuda
+from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
 from gmai_rl.models.inputs import PolicyBatch, build_policy_batch
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
 from gmai_rl.models.scoring import completion_scores, forward_replaced
@@ -436,27 +437,49 @@ class Learner:
     def save_pretrained(self, path: str) -> None:
         """Write the policy as an HF checkpoint with its processor (every rank calls; rank 0
         writes)."""
-        state = self._full_state_on_rank0()
+        state = _gather_on_rank0(self.engine.module, self.rank)
         if state is not None:
             self.engine.module.save_pretrained(path, state_dict=state)
             self.processor.save_pretrained(path)
 
-    def _full_state_on_rank0(self) -> dict[str, torch.Tensor] | None:
-        """On rank 0 every parameter, copied to the CPU; None on the other ranks.
+    # ------------------------------------------------------------------ resumable state
 
-        Under ZeRO-3 each parameter is gathered in turn (a collective every rank enters) and
-        released before the next, so a rank's device holds at most one full parameter beyond its
-        shard, and only rank 0 keeps host copies.
+    def save_state(self, folder: str) -> None:
+        """Write this rank's part of a resumable checkpoint into `folder` (every rank calls).
+
+        The policy through DeepSpeed's checkpointing (weights, optimizer state, ZeRO
+        partitions) with the stage's schedule position; the KL reference (the policy RL started
+        from, no longer recoverable from the model path) as safetensors written by rank 0; this
+        rank's RNG states.
         """
-        import deepspeed
+        from safetensors.torch import save_file
 
-        zero3 = self.opts.zero_stage == 3
-        state: dict[str, torch.Tensor] | None = {} if self.rank == 0 else None
-        for name, param in self.engine.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
-                if state is not None:
-                    state[name] = param.detach().to("cpu", copy=True)
-        return state
+        out = Path(folder) / "learner"
+        out.mkdir(parents=True, exist_ok=True)
+        client = {"optim": asdict(self.optim), "optim_step": self.optim_step}
+        self.engine.save_checkpoint(str(out), tag="policy", client_state=client, save_latest=False)
+        if self.reference is not None:
+            state = _gather_on_rank0(self.reference.module, self.rank)
+            if state is not None:
+                save_file(
+                    {k: v.contiguous() for k, v in state.items()}, out / "reference.safetensors"
+                )
+        torch.save(rng_states(), out / f"rng_rank{self.rank}.pt")
+
+    def load_state(self, folder: str) -> None:
+        """Restore what `save_state` wrote (every rank calls)."""
+        src = Path(folder) / "learner"
+        _, client = self.engine.load_checkpoint(
+            str(src), tag="policy", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if client is None:
+            raise RuntimeError(f"learner rank {self.rank}: no policy checkpoint in {src}")
+        optim = dict(client["optim"])
+        optim["betas"] = tuple(optim["betas"])
+        self.optim, self.optim_step = OptimOptions(**optim), int(client["optim_step"])
+        if self.reference is not None:
+            _load_on_rank0(self.reference.module, src / "reference.safetensors", self.rank)
+        set_rng_states(torch.load(src / f"rng_rank{self.rank}.pt", weights_only=True))
 
     def ping(self) -> int:
         return self.rank
@@ -466,6 +489,43 @@ class Learner:
         vLLM engine waking up finds the memory training peaked at (a no-op on CPU)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter (its data lives in shards over the ranks)."""
+    return hasattr(param, "ds_id")
+
+
+def _gather_on_rank0(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """On rank 0 every parameter of `module`, copied to the CPU; None on the other ranks.
+
+    A ZeRO-3 parameter is gathered in turn (a collective every rank enters) and released before
+    the next, so a rank's device holds at most one full parameter beyond its shard, and only
+    rank 0 keeps host copies.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=_partitioned(param)):
+            if state is not None:
+                state[name] = param.detach().to("cpu", copy=True)
+    return state
+
+
+@torch.no_grad()
+def _load_on_rank0(module: torch.nn.Module, path: Path, rank: int) -> None:
+    """Load a safetensors file into `module`'s parameters: rank 0 reads it; a ZeRO-3 parameter
+    is re-partitioned from rank 0's copy, a replicated one is read by every rank."""
+    import deepspeed
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        for name, param in module.named_parameters():
+            partitioned = _partitioned(param)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=partitioned):
+                if rank == 0 or not partitioned:
+                    param.data.copy_(weights.get_tensor(name))
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

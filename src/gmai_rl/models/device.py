@@ -9,6 +9,7 @@ with what torch reports.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def require_cuda(role: str) -> None:
@@ -29,3 +30,22 @@ def require_cuda(role: str) -> None:
         "driver against the torch build, or set cluster.gpus_per_learner / "
         "cluster.gpus_per_rollout_worker to 0 to run on CPU."
     )
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's torch RNG states (CPU, and every visible GPU), for a resumable checkpoint;
+    plain tensors, so `torch.load(..., weights_only=True)` reads them back."""
+    import torch
+
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gmai_rl.models.device import require_cuda
+from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.rollout.base import RolloutEngine, SyncingEngine
 from gmai_rl.rollout.options import Backend, Device
@@ -91,6 +91,21 @@ class RolloutWorker:
 
     def ping(self) -> int:
         return self.engine.policy_version
+
+    def save_state(self, path: str) -> None:
+        """Write this worker's RNG states (what its next samples depend on) and policy version.
+
+        The HF engine samples from torch's generator, restored exactly on resume. vLLM keeps
+        its own per-engine generators, which it does not expose: a resumed vLLM run samples
+        differently from an uninterrupted one (same distribution, other draws).
+        """
+        torch.save({**rng_states(), "version": self.engine.policy_version}, path)
+
+    def load_state(self, path: str) -> None:
+        """Restore `save_state`'s file; call after the resumed weights were pushed."""
+        state = torch.load(path, weights_only=True)
+        set_rng_states(state)
+        self.engine.policy_version = int(state["version"])
 
     def sync_members(self) -> int:
         """Sync-group ranks this worker needs: 1, or one per vLLM worker process."""
