@@ -55,8 +55,11 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 def dashboard_step(record: dict[str, Any]) -> int:
-    """The x of a record: SFT steps done for SFT, RL steps done for RL steps and evaluations."""
-    step = int(record.get("step", 0))
+    """The x of a record: SFT steps done for SFT, RL steps done for RL steps and evaluations, 0
+    for a record of no step (the setup)."""
+    if "step" not in record:
+        return 0
+    step = int(record["step"])
     return step if record.get("stage") == "eval" else step + 1
 
 

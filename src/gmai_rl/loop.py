@@ -54,14 +54,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     prepare_artifacts(cfg)
     data = load_datasets(cfg)
+    data_s = time.perf_counter() - started
     preflight(cfg, [*data.train, *data.eval])
     init_ray(cfg)
-    cluster = Cluster.start(cfg)
+    # Before the cluster starts (minutes on a GPU node): a dashboard that cannot open (W&B online
+    # without network) fails the run in seconds.
+    dashboards = open_dashboards(cfg, out)
+    cluster: Cluster | None = None
     result: dict[str, Any] = {"output_dir": str(out)}
-    dashboards: Dashboards | None = None
     failed = True
     try:
-        dashboards = open_dashboards(cfg, out)
+        cluster = Cluster.start(cfg)
+        startup_s = time.perf_counter() - started - data_s
+        dashboards.write({"stage": "setup", "data_seconds": data_s, "startup_seconds": startup_s})
         if cfg.sft.enabled:
             run_sft(cluster, data.sft, cfg, dashboards)
             cluster.sync_weights(cfg.sync.verify)
@@ -78,9 +83,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         (out / "eval.json").write_text(json.dumps(result, indent=2))
         failed = False
     finally:
-        if dashboards is not None:
-            dashboards.close(failed)
-        cluster.shutdown()
+        dashboards.close(failed)
+        if cluster is not None:
+            cluster.shutdown()
     if cfg.dashboards.report and (md := report(cfg, out, result, time.perf_counter() - started)):
         result["report"] = str(md)
     return result

@@ -47,7 +47,7 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "gmai_rl_stage_seconds": MetricSpec(
         GAUGE,
-        "Seconds of the latest step's stage (generate, reward, train, sync; sft; eval)",
+        "Seconds of the latest step's stage (generate, reward, train, sync; sft; eval; data, startup)",
         ("stage",),
     ),
     "gmai_rl_sft_step": MetricSpec(GAUGE, "SFT steps done"),
@@ -93,6 +93,10 @@ def samples(record: dict[str, Any]) -> list[Sample]:
             out.append(("gmai_rl_sft_loss", float(record["sft_loss"]), {}))
         if "seconds" in record:
             out.append(("gmai_rl_stage_seconds", float(record["seconds"]), {"stage": "sft"}))
+    elif stage == "setup":
+        for key, name in (("data_seconds", "data"), ("startup_seconds", "startup")):
+            if key in record:
+                out.append(("gmai_rl_stage_seconds", float(record[key]), {"stage": name}))
     elif stage == "eval":
         if "accuracy" in record:
             out.append(("gmai_rl_eval_accuracy", float(record["accuracy"]), {}))

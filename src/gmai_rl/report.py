@@ -161,9 +161,15 @@ def config_summary(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 
 def time_split(records: Sequence[Record], wall_s: float | None = None) -> list[tuple[str, float]]:
-    """(stage, total seconds) from metrics.jsonl: SFT, each RL stage, held-out evaluation, and
-    with the run's wall time what the records do not cover (data, start-up, checkpoints)."""
-    rows = [("SFT", sum(r.get("seconds", 0.0) for r in by_stage(records, "sft")))]
+    """(stage, total seconds) from metrics.jsonl: data preparation and start-up (the setup
+    record), SFT, each RL stage, held-out evaluation, and with the run's wall time what the
+    records do not cover (checkpoints, shutdown, the driver's own work between stages)."""
+    setup = by_stage(records, "setup")
+    rows = [
+        ("data preparation", sum(r.get("data_seconds", 0.0) for r in setup)),
+        ("start-up (plan, Ray, actors)", sum(r.get("startup_seconds", 0.0) for r in setup)),
+        ("SFT", sum(r.get("seconds", 0.0) for r in by_stage(records, "sft"))),
+    ]
     rl_seconds: dict[str, float] = {}
     for r in by_stage(records, "rl"):
         for key, value in r.items():
@@ -175,9 +181,7 @@ def time_split(records: Sequence[Record], wall_s: float | None = None) -> list[t
         ("held-out evaluation", sum(r.get("seconds", 0.0) for r in by_stage(records, "eval")))
     )
     if wall_s is not None:
-        rows.append(
-            ("other (data, start-up, checkpoints)", max(wall_s - sum(s for _, s in rows), 0.0))
-        )
+        rows.append(("other (checkpoints, shutdown)", max(wall_s - sum(s for _, s in rows), 0.0)))
     return rows
 
 

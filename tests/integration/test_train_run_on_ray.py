@@ -54,6 +54,8 @@ def test_end_to_end_run_writes_metrics_and_eval(small_config, tmp_path):
         ("after_rl", 2),
     ]
     assert len([r for r in lines if r["stage"] == "sft"]) == 2
+    (setup,) = [r for r in lines if r["stage"] == "setup"]
+    assert setup["data_seconds"] >= 0 and setup["startup_seconds"] > 0
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["before_rl"]["n"] == saved["after_rl"]["n"] == 8
     assert 0 <= saved["after_rl"]["accuracy"] <= 1
@@ -85,7 +87,7 @@ def check_report(out, saved):
     )
     for modality, accuracy in after["accuracy_by_modality"].items():
         assert f"| {modality} | " in text and f"| {100 * accuracy:.1f}% |" in text
-    for stage in ("SFT", "RL: generate", "RL: train", "RL: weight sync", "held-out evaluation"):
+    for stage in ("start-up (plan, Ray, actors)", "SFT", "RL: generate", "RL: weight sync"):
         assert f"| {stage} | " in text, stage
     assert "## RL steps (2)" in text
 
@@ -130,5 +132,5 @@ def check_ray_metrics(found):
     assert found[("ray_gmai_rl_generated_tokens_total", None)] > 0
     assert found[("ray_gmai_rl_policy_version_lag", None)] == 0
     assert found[("ray_gmai_rl_policy_version", None)] == 3
-    for stage in ("generate", "reward", "train", "sync", "sft", "eval"):
+    for stage in ("generate", "reward", "train", "sync", "sft", "eval", "data", "startup"):
         assert found[("ray_gmai_rl_stage_seconds", stage)] >= 0, stage

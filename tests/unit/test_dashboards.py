@@ -68,6 +68,7 @@ def test_rl_steps_and_evaluations_share_the_rl_steps_done_axis():
     assert dashboard_step(EVAL) == 2  # evaluated after step index 1, the second step
     assert dashboard_step({"stage": "eval", "step": 0}) == 0  # before RL
     assert dashboard_step(SFT) == 1
+    assert dashboard_step({"stage": "setup", "data_seconds": 1.0}) == 0
 
 
 def test_run_name_tells_multirun_jobs_apart(tmp_path):
@@ -240,6 +241,10 @@ def test_ray_metrics_samples_of_each_stage():
     assert ray_metrics.samples(EVAL) == [
         ("gmai_rl_eval_accuracy", 0.75, {}),
         ("gmai_rl_stage_seconds", 1.5, {"stage": "eval"}),
+    ]
+    assert ray_metrics.samples({"stage": "setup", "data_seconds": 2.0, "startup_seconds": 9.0}) == [
+        ("gmai_rl_stage_seconds", 2.0, {"stage": "data"}),
+        ("gmai_rl_stage_seconds", 9.0, {"stage": "startup"}),
     ]
     assert ray_metrics.samples({"stage": "other", "step": 3}) == []
     for record in [SFT, *RL, EVAL]:  # every sample names a declared metric with its tags

@@ -51,6 +51,7 @@ AFTER = {
     "accuracy_by_modality": {"CT": 1.0, "MRI": 0.5, "X-ray": 1.0},
 }
 RECORDS = [
+    {"stage": "setup", "data_seconds": 2.0, "startup_seconds": 8.0},
     {"stage": "sft", "step": 0, "sft_loss": 3.0, "seconds": 4.0},
     {"stage": "sft", "step": 1, "sft_loss": 2.0, "seconds": 6.0},
     {"stage": "eval", "phase": "before_rl", "step": 0, **BEFORE, "seconds": 3.0},
@@ -64,17 +65,19 @@ RESULT = {"before_rl": BEFORE, "after_rl": AFTER, "output_dir": "/runs/x"}
 
 
 def test_time_split_totals_each_stage_and_leaves_the_rest_to_other():
-    split = dict(time_split(RECORDS, wall_s=40.0))
+    split = dict(time_split(RECORDS, wall_s=50.0))
     assert split == {
+        "data preparation": 2.0,
+        "start-up (plan, Ray, actors)": 8.0,
         "SFT": 10.0,
         "RL: generate": 6.0,
         "RL: reward": 0.75,
         "RL: train": 3.0,
         "RL: weight sync": 1.5,
         "held-out evaluation": 9.0,
-        "other (data, start-up, checkpoints)": 40.0 - 30.25,
+        "other (checkpoints, shutdown)": 50.0 - 40.25,
     }
-    assert "other (data, start-up, checkpoints)" not in dict(time_split(RECORDS))
+    assert "other (checkpoints, shutdown)" not in dict(time_split(RECORDS))
 
 
 def test_accuracy_rows_per_modality_with_the_change():
@@ -90,16 +93,16 @@ def test_accuracy_rows_per_modality_with_the_change():
 
 def test_markdown_holds_config_accuracy_steps_and_time():
     summary = [("model", "tiny (float32)"), ("layout", "2 | 2")]
-    text = report_markdown("gmai-rl run x", summary, RECORDS, RESULT, wall_s=40.0)
+    text = report_markdown("gmai-rl run x", summary, RECORDS, RESULT, wall_s=50.0)
     assert text.startswith("# gmai-rl run x\n")
     assert "| model | tiny (float32) |" in text and "| layout | 2 \\| 2 |" in text
     assert "| overall (n=8) | 25.0% | 75.0% | +50.0 points |" in text
     assert "| MRI | 0.0% | 50.0% | +50.0 points |" in text
     assert "## RL steps (3)" in text and "| accuracy | 0.250 | 0.750 |" in text
-    assert "| SFT | 10.0 | 25.0% |" in text and "| total | 40.0 | |" in text
-    assert "| RL: generate | 6.0 | 15.0% |" in text
+    assert "| SFT | 10.0 | 20.0% |" in text and "| total | 50.0 | |" in text
+    assert "| RL: generate | 6.0 | 12.0% |" in text and "| data preparation | 2.0 | 4.0% |" in text
     assert text.rstrip().endswith("(report.png)")
-    no_eval = report_markdown("t", summary, RECORDS[:2], {"output_dir": "x"}, figure=None)
+    no_eval = report_markdown("t", summary, RECORDS[:3], {"output_dir": "x"}, figure=None)
     assert "No held-out evaluation" in no_eval and "RL steps" not in no_eval
     assert "report.png" not in no_eval
 
