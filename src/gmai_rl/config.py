@@ -230,6 +230,9 @@ class ClusterConfig:
     """CPUs a local ray.init() advertises; null: enough for every actor's bundle."""
     dashboard: bool = False
     """Start the Ray dashboard with a local ray.init()."""
+    metrics_export_port: int | None = None
+    """Port of the Prometheus endpoint (Ray's and this run's metrics) with a local ray.init();
+    null: a free one (logged at start). On a cluster: `ray start --metrics-export-port`."""
     gpus_per_node: int | None = 8
     """GPUs on each node, for the pre-flight plan's placement check (`gmai-rl plan`); null: the
     driver's own (torch.cuda), which is right for a local ray.init() on a GPU node."""

@@ -169,6 +169,8 @@ class WandB:
         self.run.log({**scalars(record), axis: dashboard_step(record)})
 
     def close(self, failed: bool = False) -> None:
+        """Finish the run. The wandb-core service may write the last of an offline run's file
+        just after; wandb's exit hook (wandb.teardown) waits for it."""
         self.run.finish(exit_code=1 if failed else 0)
 
 

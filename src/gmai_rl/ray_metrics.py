@@ -2,10 +2,11 @@
 
 The driver's metrics travel like every Ray process's: its core worker reports them periodically
 (every few seconds) to the metrics agent of its node, which serves them in Prometheus text format
-on the node's metrics export port (`ray start --metrics-export-port`; a local `ray.init` picks a
-free one, listed as `ray.nodes()[i]["MetricsExportPort"]`), with Ray's "ray_" prefix and a counter's
-"_total" suffix: `ray_gmai_rl_step{run="..."}`. A cluster's Prometheus scrapes those ports (Ray
-writes a service-discovery file for it) and the Ray dashboard's metrics view reads from it.
+on the node's metrics export port (`ray start --metrics-export-port`; a local `ray.init` takes
+cluster.metrics_export_port or picks a free one; `metrics_endpoint` finds it in `ray.nodes()`),
+with Ray's "ray_" prefix and a counter's "_total" suffix: `ray_gmai_rl_step{run="..."}`. A
+cluster's Prometheus scrapes those ports (Ray writes a service-discovery file for it) and the Ray
+dashboard's metrics view reads from it.
 
 Every series carries a `run` tag (the output folder's name unless configured), so the jobs of a
 sweep stay apart. `samples` (pure) says what a record sets; `RayMetrics` sets it.
@@ -16,8 +17,11 @@ actors (tests/unit/test_layering.py).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 GAUGE, COUNTER = "gauge", "counter"
 
@@ -137,4 +141,19 @@ def open_ray_metrics(run: str) -> RayMetrics | None:
     """The run's Ray metrics, or None when this process is not connected to Ray."""
     import ray
 
-    return RayMetrics(run) if ray.is_initialized() else None
+    if not ray.is_initialized():
+        return None
+    log.info("Ray metrics (run=%r): %s", run, metrics_endpoint() or "no metrics endpoint found")
+    return RayMetrics(run)
+
+
+def metrics_endpoint() -> str | None:
+    """The Prometheus endpoint of this process's node, where its metrics are served; None when
+    the node exports none (a minimal Ray install)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        if node["NodeID"] == node_id and node.get("MetricsExportPort", 0) > 0:
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None

@@ -10,6 +10,7 @@ import pytest
 
 from gmai_rl.dashboards import run_name
 from gmai_rl.loop import run
+from gmai_rl.ray_metrics import metrics_endpoint
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -97,8 +98,7 @@ def scrape_ray_metrics(run, deadline_s):
     endpoint, once the last step's gauges are there (exports are periodic)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    node = ray.nodes()[0]
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    url = metrics_endpoint()
     found, end = {}, time.monotonic() + deadline_s
     while time.monotonic() < end:
         text = urllib.request.urlopen(url, timeout=10).read().decode()

@@ -187,7 +187,7 @@ def _key(item):
 
 
 def test_wandb_offline_writes_a_run_folder_with_the_history(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     for var, folder in (("WANDB_CONFIG_DIR", "cfg"), ("WANDB_CACHE_DIR", "cache")):
         monkeypatch.setenv(var, str(tmp_path / folder))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
@@ -205,6 +205,9 @@ def test_wandb_offline_writes_a_run_folder_with_the_history(tmp_path, monkeypatc
     for record in [SFT, *RL, EVAL]:
         fan.write(record)
     fan.close()
+    # finish() can return before the wandb-core service has flushed the run file (a 7-byte
+    # header was seen under load); teardown, which a process's exit runs, waits for it.
+    wandb.teardown()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
     history = [
@@ -283,3 +286,18 @@ def test_ray_metrics_set_gauges_and_add_to_counters_tagged_with_the_run(monkeypa
     assert ("set", 2.0, {"run": "sweep/1", "stage": "generate"}) in metrics[
         "gmai_rl_stage_seconds"
     ].calls
+
+
+def test_a_local_ray_init_serves_metrics_on_the_configured_port(monkeypatch):
+    import ray
+
+    from gmai_rl.cluster import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(train_config("cluster.metrics_export_port=9091"))
+    init_ray(train_config())
+    assert calls[0]["_metrics_export_port"] == 9091
+    assert "_metrics_export_port" not in calls[1]  # Ray picks a free port
