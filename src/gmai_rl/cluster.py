@@ -156,11 +156,15 @@ def init_ray(cfg: TrainConfig) -> None:
         return
     plan = plan_bundles(cfg.cluster)
     needed = sum(b.get("CPU", 0) for b in plan.bundles) + cfg.reward.num_workers * 0.5
+    ports = {}
+    if cfg.cluster.metrics_export_port is not None:
+        ports["_metrics_export_port"] = cfg.cluster.metrics_export_port
     ray.init(
         num_cpus=cfg.cluster.num_cpus or max(int(needed + 0.999), 1),
         include_dashboard=cfg.cluster.dashboard,
         runtime_env=runtime_env,
         log_to_driver=True,
+        **ports,
     )
 
 

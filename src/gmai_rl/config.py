@@ -46,6 +46,30 @@ class SFTAnswers(StrChoice):
 OnError = StrChoice("OnError", {"raise": "raise", "skip": "skip"})  # type: ignore[call-arg]
 
 
+class WandbMode(StrChoice):
+    """How wandb.init runs (its `mode`)."""
+
+    online = "online"
+    """Stream to the W&B server as the run goes."""
+    offline = "offline"
+    """Write a local run folder only (no network); upload it later with `wandb sync`."""
+    disabled = "disabled"
+    """Every wandb call is a no-op."""
+
+
+class ProgressMode(StrChoice):
+    """How long phases (data preparation, SFT, RL steps, evaluation) show their progress."""
+
+    auto = "auto"
+    """Bars on a terminal; log lines otherwise (`ray job logs`, output sent to a file)."""
+    bars = "bars"
+    """tqdm bars on stderr, redrawn in place."""
+    lines = "lines"
+    """One log line with count, rate and ETA at most every dashboards.progress_interval_s."""
+    off = "off"
+    """None (the per-step log lines remain)."""
+
+
 class PlacementStrategy(StrChoice):
     PACK = "PACK"
     SPREAD = "SPREAD"
@@ -206,6 +230,9 @@ class ClusterConfig:
     """CPUs a local ray.init() advertises; null: enough for every actor's bundle."""
     dashboard: bool = False
     """Start the Ray dashboard with a local ray.init()."""
+    metrics_export_port: int | None = None
+    """Port of the Prometheus endpoint (Ray's and this run's metrics) with a local ray.init();
+    null: a free one (logged at start). On a cluster: `ray start --metrics-export-port`."""
     gpus_per_node: int | None = 8
     """GPUs on each node, for the pre-flight plan's placement check (`gmai-rl plan`); null: the
     driver's own (torch.cuda), which is right for a local ray.init() on a GPU node."""
@@ -242,7 +269,51 @@ class TrainerConfig:
     seed: int = 0
     """Seeds prompt order, SFT batches, the learner ranks and the rollout workers' sampling."""
     output_dir: str = "${hydra:runtime.output_dir}"
-    """Where metrics.jsonl, eval.json and checkpoints go."""
+    """Where metrics.jsonl, eval.json, the dashboards' files, the report and checkpoints go (each
+    job of a hydra multirun sweep has its own)."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    """Log every metrics.jsonl record to Weights & Biases (off in the demo)."""
+    project: str = "gmai-rl"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user; null: the account's default."""
+    mode: WandbMode | None = None
+    """online, offline (a run folder under <output_dir>/wandb, no network; `wandb sync` it
+    later) or disabled; null: wandb's own default (the WANDB_MODE variable, else online)."""
+    group: str | None = None
+    """Groups runs in the W&B UI, e.g. the jobs of one sweep; null: none."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+
+
+@dataclass
+class DashboardsConfig:
+    """Where a run's metrics are shown besides metrics.jsonl (always written, the source of
+    truth), and the end-of-run report."""
+
+    run_name: str | None = None
+    """The run's name on every dashboard (the W&B run name, the Ray metrics' `run` tag); null:
+    the output folder's name, "<sweep time>/<job number>" for a hydra multirun job."""
+    tensorboard: bool = True
+    """TensorBoard event files in <output_dir>/tensorboard (`tensorboard --logdir <output_dir>`)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray_metrics: bool = True
+    """Export step, reward, accuracy, tokens/s, per-stage seconds and policy-version lag through
+    Ray's metrics system (ray.util.metrics): each node's Prometheus endpoint, hence the cluster's
+    Prometheus/Grafana and the Ray dashboard's metrics view."""
+    progress: ProgressMode = ProgressMode.auto
+    """Progress of long phases with ETA: auto, bars, lines or off (see ProgressMode)."""
+    progress_interval_s: float = 30.0
+    """Least seconds between two progress lines of a phase (lines mode); its last line is
+    always written."""
+    report: bool = True
+    """At the end of the run: report.png (reward, accuracy, response length, KL and entropy
+    curves) and report.md (configuration, held-out accuracy before/after per modality, time
+    split), beside metrics.jsonl."""
 
 
 @dataclass
@@ -259,6 +330,7 @@ class TrainConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dashboards: DashboardsConfig = field(default_factory=DashboardsConfig)
 
     @property
     def rl_optim(self) -> OptimOptions:
@@ -297,6 +369,10 @@ def validate(cfg: TrainConfig) -> None:
         errors.append(
             "learner.zero_stage=0 with learner.bf16=true: bf16 training needs ZeRO >= 1 here "
             "(gradients accumulate in fp32 only under ZeRO); set learner.zero_stage=1"
+        )
+    if cfg.dashboards.progress_interval_s < 0:
+        errors.append(
+            f"dashboards.progress_interval_s={cfg.dashboards.progress_interval_s:g} must be >= 0"
         )
     for key in ("learner_ranks", "rollout_workers"):
         if getattr(cfg.cluster, key) < 1:

@@ -1,8 +1,9 @@
 """What the driver feeds the stages: the datasets, an endless seeded item order, SFT samples.
 
 prepare_artifacts  the tiny model and synthetic data when the config asks for them and they
-                   are absent (the demo)
-load_datasets      train / held-out / SFT items from their JSONL files
+                   are absent (the demo), with a progress bar over the images written
+load_datasets      train / held-out / SFT items from their JSONL files, with a progress bar per
+                   file (checking every image takes a while on real data)
 ItemSampler        draws without replacement, reshuffled every epoch (RL prompts, SFT batches)
 sft_samples        items as learner samples: prompt + reference reasoning and answer
 """
@@ -19,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from gmai_rl.config import TrainConfig
 from gmai_rl.data import build_prompt, load_mcq_jsonl, sft_target
 from gmai_rl.models.tokens import end_of_turn_id
+from gmai_rl.progress import Progress
 from gmai_rl.types import MCQItem, TrainSample
 
 log = logging.getLogger(__name__)
@@ -38,16 +40,18 @@ def prepare_artifacts(cfg: TrainConfig) -> None:
         from gmai_rl.data.synthetic import write_synthetic_dataset
 
         log.info("writing the synthetic dataset to %s", syn.dir)
-        write_synthetic_dataset(
-            syn.dir,
-            n_train=syn.n_train,
-            n_eval=syn.n_eval,
-            seed=syn.seed,
-            tasks=syn.tasks,
-            image_size=syn.image_size,
-            shuffle_options=syn.shuffle_options,
-            sft_answers=syn.sft_answers.value,
-        )
+        with Progress.of(cfg.dashboards, "synthetic images", None, unit="image") as bar:
+            write_synthetic_dataset(
+                syn.dir,
+                n_train=syn.n_train,
+                n_eval=syn.n_eval,
+                seed=syn.seed,
+                tasks=syn.tasks,
+                image_size=syn.image_size,
+                shuffle_options=syn.shuffle_options,
+                sft_answers=syn.sft_answers.value,
+                on_image=bar.advance_to,
+            )
 
 
 @dataclass
@@ -61,7 +65,12 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
     d = cfg.data
 
     def load(path: str) -> list[MCQItem]:
-        return load_mcq_jsonl(path, image_root=d.image_root, on_error=d.on_error)
+        with Progress.of(
+            cfg.dashboards, f"loading {Path(path).name}", count_records(path), unit="record"
+        ) as bar:
+            return load_mcq_jsonl(
+                path, image_root=d.image_root, on_error=d.on_error, on_record=bar.update
+            )
 
     data = Datasets(train=load(d.train))
     if d.eval:
@@ -75,6 +84,16 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
         "data: %d train, %d eval, %d sft items", len(data.train), len(data.eval), len(data.sft)
     )
     return data
+
+
+def count_records(path: str) -> int | None:
+    """Non-blank lines of a JSONL file (the records a load goes through); None if unreadable (the
+    load then says why)."""
+    try:
+        with open(path, "rb") as lines:
+            return sum(1 for line in lines if line.strip())
+    except OSError:
+        return None
 
 
 class ItemSampler(Generic[T]):

@@ -1,13 +1,14 @@
 """The driver: GRPO on a Ray cluster, stage by stage, in data-flow order.
 
     run      prepare data -> pre-flight plan (gmai_rl.plan) -> start the cluster
-             -> SFT cold start -> evaluate -> RL -> evaluate
+             -> SFT cold start -> evaluate -> RL -> evaluate -> report (gmai_rl.report)
     rl_step  sample prompts -> generate n each -> reward -> filter (refill) -> advantages
              -> train (PPO epochs on the learner ranks) -> push weights
 
 Every remote call goes through the `Cluster` (gmai_rl.cluster); every group records the policy
 version that generated it, so with one sync per step the rollout is on-policy (staleness 0) and
-the metrics say so rather than assume it.
+the metrics say so rather than assume it. Every record goes to metrics.jsonl and the configured
+dashboards (gmai_rl.dashboards); long phases show their progress (gmai_rl.progress).
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from gmai_rl.checkpoint import (
 )
 from gmai_rl.cluster import Cluster, init_ray
 from gmai_rl.config import AlgoConfig, TrainConfig, validate
+from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt
 from gmai_rl.evaluate import summarize
 from gmai_rl.feed import Datasets, ItemSampler, load_datasets, prepare_artifacts, sft_samples
 from gmai_rl.metrics import (
     CollectStats,
-    MetricsLog,
     StageTimer,
     StepRecord,
     eval_line,
@@ -47,6 +48,8 @@ from gmai_rl.metrics import (
     step_metrics,
 )
 from gmai_rl.plan import check, make_plan, render
+from gmai_rl.progress import Progress
+from gmai_rl.report import write_report
 from gmai_rl.types import Group, MCQItem, SamplingParams, TrainSample
 
 log = logging.getLogger(__name__)
@@ -55,39 +58,55 @@ log = logging.getLogger(__name__)
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Run the configured job end to end (or continue it from a checkpoint: `trainer.resume`);
     returns what eval.json holds."""
+    started = time.perf_counter()
     validate(cfg)
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume = resume_point(cfg)
+    state = DriverState.read(resume) if resume else None
     prepare_artifacts(cfg)
     data = load_datasets(cfg)
+    data_s = time.perf_counter() - started
     preflight(cfg, [*data.train, *data.eval])
     init_ray(cfg)
-    cluster = Cluster.start(cfg)
-    state = DriverState.read(resume) if resume else None
-    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines if state else 0)
+    # Before the cluster starts (minutes on a GPU node): a dashboard that cannot open (W&B online
+    # without network) fails the run in seconds.
+    dashboards = open_dashboards(cfg, out, keep_lines=state.metrics_lines if state else 0)
+    cluster: Cluster | None = None
     result: dict[str, Any] = {"output_dir": str(out)}
+    failed = True
     try:
+        cluster = Cluster.start(cfg)
+        startup_s = time.perf_counter() - started - data_s
+        setup = {"stage": "setup", "data_seconds": data_s, "startup_seconds": startup_s}
         if state is not None:
             cluster.restore_state(str(resume), state.policy_version)
             log.info("resumed from %s after RL step %d", resume, state.step)
+            dashboards.write({**setup, "resumed_from": str(resume), "resumed_step": state.step})
             result["before_rl"] = state.before_rl
         else:
+            dashboards.write(setup)
             if cfg.sft.enabled:
-                run_sft(cluster, data.sft, cfg, metrics)
+                run_sft(cluster, data.sft, cfg, dashboards)
                 cluster.sync_weights(cfg.sync.verify)
-            result["before_rl"] = evaluate(cluster, data.eval, cfg)
-            log.info("held-out before RL: %s", eval_line(result["before_rl"]))
-        result["during_rl"] = run_rl(cluster, data, cfg, metrics, result["before_rl"], state)
-        result["after_rl"] = evaluate(cluster, data.eval, cfg)
-        log.info("held-out after RL: %s", eval_line(result["after_rl"]))
+            result["before_rl"] = evaluate_and_record(
+                cluster, data.eval, cfg, dashboards, "before_rl", 0
+            )
+        result["during_rl"] = run_rl(cluster, data, cfg, dashboards, result["before_rl"], state)
+        result["after_rl"] = evaluate_and_record(
+            cluster, data.eval, cfg, dashboards, "after_rl", cfg.trainer.steps
+        )
         if cfg.trainer.save_final:
             cluster.save(str(out / "final"))
             result["checkpoint"] = str(out / "final")
         (out / "eval.json").write_text(json.dumps(result, indent=2))
+        failed = False
     finally:
-        metrics.close()
-        cluster.shutdown()
+        dashboards.close(failed)
+        if cluster is not None:
+            cluster.shutdown()
+    if cfg.dashboards.report and (md := report(cfg, out, result, time.perf_counter() - started)):
+        result["report"] = str(md)
     return result
 
 
@@ -102,6 +121,18 @@ def resume_point(cfg: TrainConfig) -> Path | None:
             "trainer.output_dir"
         )
     return resume
+
+
+def report(cfg: TrainConfig, out: Path, result: dict[str, Any], wall_s: float) -> Path | None:
+    """report.png and report.md beside metrics.jsonl; the markdown's path. Training is done and
+    saved by now, so a failure here is logged, not raised (None)."""
+    try:
+        png, md = write_report(out, cfg, result, cfg.dashboards.run_name or run_name(out), wall_s)
+    except Exception:
+        log.exception("could not write the run's report (metrics.jsonl and eval.json are complete)")
+        return None
+    log.info("report: %s, %s", md, png)
+    return md
 
 
 def preflight(cfg: TrainConfig, items: Sequence[MCQItem]) -> None:
@@ -121,7 +152,7 @@ def preflight(cfg: TrainConfig, items: Sequence[MCQItem]) -> None:
 
 
 def run_sft(
-    cluster: Cluster, items: Sequence[MCQItem], cfg: TrainConfig, metrics: MetricsLog
+    cluster: Cluster, items: Sequence[MCQItem], cfg: TrainConfig, dashboards: Dashboards
 ) -> None:
     """Cross-entropy on reference reasoning traces (the paper's cold start)."""
     from gmai_rl.models.loading import load_processor, tokenizer_of
@@ -129,23 +160,25 @@ def run_sft(
     samples = sft_samples(items, tokenizer_of(load_processor(cfg.model)), cfg.data.system_prompt)
     sampler = ItemSampler(samples, cfg.trainer.seed)
     cluster.start_stage(cfg.sft_optim)
-    for step in range(cfg.sft.steps):
-        start = time.perf_counter()
-        record = {
-            "stage": "sft",
-            "step": step,
-            **cluster.train_sft(sampler.take(cfg.sft.batch_size)),
-            "seconds": time.perf_counter() - start,
-        }
-        metrics.write(record)
-        if step % 10 == 0 or step == cfg.sft.steps - 1:
-            log.info(
-                "sft %d/%d | loss %.4f | lr %.2e",
-                step + 1,
-                cfg.sft.steps,
-                record["sft_loss"],
-                record["lr"],
-            )
+    with Progress.of(cfg.dashboards, "sft", cfg.sft.steps, unit="step") as bar:
+        for step in range(cfg.sft.steps):
+            start = time.perf_counter()
+            record = {
+                "stage": "sft",
+                "step": step,
+                **cluster.train_sft(sampler.take(cfg.sft.batch_size)),
+                "seconds": time.perf_counter() - start,
+            }
+            dashboards.write(record)
+            bar.update(loss=record["sft_loss"])
+            if step % 10 == 0 or step == cfg.sft.steps - 1:
+                log.info(
+                    "sft %d/%d | loss %.4f | lr %.2e",
+                    step + 1,
+                    cfg.sft.steps,
+                    record["sft_loss"],
+                    record["lr"],
+                )
 
 
 # --------------------------------------------------------------------------------------- rl
@@ -155,7 +188,7 @@ def run_rl(
     cluster: Cluster,
     data: Datasets,
     cfg: TrainConfig,
-    metrics: MetricsLog,
+    dashboards: Dashboards,
     before_rl: dict[str, Any],
     resume: DriverState | None = None,
 ) -> list[dict[str, Any]]:
@@ -172,26 +205,37 @@ def run_rl(
     else:
         sampler.load_state(resume.sampler)
         history = list(resume.during_rl)
-    for step in range(resume.step if resume else 0, cfg.trainer.steps):
-        record = step_metrics(step, rl_step(cluster, sampler, cfg))
-        metrics.write(record)
-        log.info(progress_line(record, cfg.trainer.steps))
-        done = step + 1
-        if (
-            cfg.trainer.eval_every
-            and done % cfg.trainer.eval_every == 0
-            and done < cfg.trainer.steps
-        ):
-            evaluation = {"step": done, **evaluate(cluster, data.eval, cfg)}
-            history.append(evaluation)
-            metrics.write({"stage": "eval", **evaluation})
-            log.info("held-out at step %d: %s", done, eval_line(evaluation))
-        every = cfg.trainer.save_every
-        if every and (done % every == 0 or done == cfg.trainer.steps):
-            state = DriverState(
-                done, record["policy_version"], sampler.state(), metrics.lines, before_rl, history
-            )
-            save_checkpoint(cluster, cfg, state)
+    first = resume.step if resume else 0
+    with Progress.of(cfg.dashboards, "rl", cfg.trainer.steps, unit="step") as bar:
+        if first:
+            bar.advance_to(first)
+        for step in range(first, cfg.trainer.steps):
+            record = step_metrics(step, rl_step(cluster, sampler, cfg))
+            dashboards.write(record)
+            log.info(progress_line(record, cfg.trainer.steps))
+            bar.update(reward=record["reward_mean"], acc=record["accuracy"])
+            done = step + 1
+            if (
+                cfg.trainer.eval_every
+                and done % cfg.trainer.eval_every == 0
+                and done < cfg.trainer.steps
+            ):
+                evaluation = evaluate_and_record(
+                    cluster, data.eval, cfg, dashboards, "during_rl", done
+                )
+                if evaluation:
+                    history.append({"step": done, **evaluation})
+            every = cfg.trainer.save_every
+            if every and (done % every == 0 or done == cfg.trainer.steps):
+                state = DriverState(
+                    done,
+                    record["policy_version"],
+                    sampler.state(),
+                    dashboards.jsonl.lines,
+                    before_rl,
+                    history,
+                )
+                save_checkpoint(cluster, cfg, state)
     return history
 
 
@@ -304,12 +348,45 @@ def make_train_samples(groups: Sequence[Group], estimator: str) -> list[TrainSam
 # ------------------------------------------------------------------------------------- eval
 
 
+EVAL_LOG = {"before_rl": "before RL", "during_rl": "at step {step}", "after_rl": "after RL"}
+"""How the log names an evaluation of each phase."""
+
+
+def evaluate_and_record(
+    cluster: Cluster,
+    items: Sequence[MCQItem],
+    cfg: TrainConfig,
+    dashboards: Dashboards,
+    phase: str,
+    step: int,
+) -> dict[str, Any]:
+    """Evaluate after `step` RL steps, log it and record it (stage "eval", with its seconds)."""
+    start = time.perf_counter()
+    evaluation = evaluate(cluster, items, cfg)
+    if evaluation:
+        seconds = time.perf_counter() - start
+        dashboards.write(
+            {"stage": "eval", "phase": phase, "step": step, **evaluation, "seconds": seconds}
+        )
+    log.info("held-out %s: %s", EVAL_LOG[phase].format(step=step), eval_line(evaluation))
+    return evaluation
+
+
 def evaluate(cluster: Cluster, items: Sequence[MCQItem], cfg: TrainConfig) -> dict[str, Any]:
-    """Held-out accuracy of one answer per question (greedy by default): see gmai_rl.evaluate."""
+    """Held-out accuracy of one answer per question (greedy by default): see gmai_rl.evaluate.
+
+    The questions go out in chunks that give every rollout worker one full batch
+    (rollout.max_batch_prompts), so the progress bar moves without costing batch size."""
     if not items:
         return {}
     sampling = SamplingParams(
         cfg.rollout.eval_temperature, 1.0, cfg.rollout.max_new_tokens, seed=cfg.trainer.seed
     )
     prompts = [build_prompt(item, cfg.data.system_prompt) for item in items]
-    return summarize(cluster.generate(prompts, 1, sampling), items)
+    chunk = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
+    groups: list[Group] = []
+    with Progress.of(cfg.dashboards, "eval", len(prompts), unit="question", leave=False) as bar:
+        for start in range(0, len(prompts), chunk):
+            groups += cluster.generate(prompts[start : start + chunk], 1, sampling)
+            bar.advance_to(len(groups))
+    return summarize(groups, items)

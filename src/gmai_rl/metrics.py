@@ -82,6 +82,7 @@ def step_metrics(step: int, record: StepRecord) -> dict[str, Any]:
         "groups_filtered_too_easy": stats.dropped_too_easy,
         "groups_filtered_too_hard": stats.dropped_too_hard,
         "groups_padded": stats.padded_groups,
+        "generated_tokens": generated,
         "response_length_mean": generated / len(lengths),
         "response_length_max": max(lengths),
         "truncated_rate": sum(

@@ -77,6 +77,7 @@ def report(result: dict[str, Any]) -> str:
     out = result["output_dir"]
     lines.append(
         f"outputs: {out}/metrics.jsonl, {out}/eval.json"
+        + (f", {result['report']}" if "report" in result else "")
         + (f", {result['checkpoint']}" if "checkpoint" in result else "")
     )
     lines.append("=" * 72)

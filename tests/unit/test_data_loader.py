@@ -338,6 +338,24 @@ def test_skip_reports_every_bad_record_once(folder: Path, caplog: pytest.LogCapt
     assert "answer_not_in_options: 2" in message and f"{path}:7" in message
 
 
+def test_on_record_counts_every_non_blank_line_loaded_or_skipped(folder: Path) -> None:
+    path = write_jsonl(
+        folder / "data.jsonl",
+        gmai(MRI_QUESTION, "B"),
+        "{broken",
+        "",
+        gmai(MRI_QUESTION, "E"),
+        gmai(MRI_QUESTION, "C"),
+    )
+    calls: list[int] = []
+    items = load_mcq_jsonl(path, on_error="skip", on_record=lambda: calls.append(len(calls)))
+    assert len(items) == 2 and len(calls) == 4
+    calls.clear()
+    with pytest.raises(DataError):  # stops at the bad record, uncounted
+        load_mcq_jsonl(path, on_record=lambda: calls.append(len(calls)))
+    assert len(calls) == 1
+
+
 def test_report_keeps_only_the_first_few_examples(folder: Path) -> None:
     path = write_jsonl(folder / "data.jsonl", *["{broken"] * 5)
     items, report = load_mcq_jsonl_with_report(path, on_error="skip")

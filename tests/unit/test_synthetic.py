@@ -91,6 +91,15 @@ def test_images_are_rgb_pngs_of_the_requested_size(tmp_path: Path) -> None:
             assert image.format == "PNG" and image.mode == "RGB" and image.size == (112, 112)
 
 
+def test_on_image_reports_each_image_written_of_the_total(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    write_synthetic_dataset(
+        tmp_path, n_train=4, n_eval=4, seed=0, on_image=lambda *args: calls.append(args)
+    )
+    images = list((tmp_path / "images").rglob("*.png"))
+    assert calls == [(i, len(images)) for i in range(1, len(images) + 1)]
+
+
 def test_loader_reads_the_written_files(dataset: dict[str, Path]) -> None:
     loader = pytest.importorskip("gmai_rl.data.loader")
     for split in ("train", "eval", "sft"):

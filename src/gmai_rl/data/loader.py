@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,9 +100,12 @@ def load_mcq_jsonl(
     on_error: OnError = "raise",
     *,
     check_images: bool = True,
+    on_record: Callable[[], None] | None = None,
 ) -> list[MCQItem]:
     """The questions in a JSON Lines file; see the module docstring and `load_mcq_jsonl_with_report`."""
-    items, _ = load_mcq_jsonl_with_report(path, image_root, on_error, check_images=check_images)
+    items, _ = load_mcq_jsonl_with_report(
+        path, image_root, on_error, check_images=check_images, on_record=on_record
+    )
     return items
 
 
@@ -112,6 +115,7 @@ def load_mcq_jsonl_with_report(
     on_error: OnError = "raise",
     *,
     check_images: bool = True,
+    on_record: Callable[[], None] | None = None,
 ) -> tuple[list[MCQItem], LoadReport]:
     """The questions in a JSON Lines file and the report of what was skipped.
 
@@ -120,13 +124,14 @@ def load_mcq_jsonl_with_report(
         image_root: folder that relative image paths start from; default: the file's folder.
         on_error: "raise" a `DataError` at the first bad record, or "skip" bad records.
         check_images: open every image's header with PIL; off only for trusted data on slow disks.
+        on_record: called after each non-blank line, loaded or skipped (progress of a long load).
     """
     jsonl = Path(path)
     if not jsonl.is_file():
         raise FileNotFoundError(f"no such JSONL file: {jsonl}")
     root = os.path.abspath(image_root if image_root is not None else jsonl.parent)
     report = LoadReport(source=str(jsonl))
-    items = _collect(_jsonl_records(jsonl), root, on_error, check_images, report)
+    items = _collect(_jsonl_records(jsonl), root, on_error, check_images, report, on_record)
     return items, report
 
 
@@ -330,13 +335,14 @@ def _collect(
     on_error: OnError,
     check_images: bool,
     report: LoadReport,
+    on_record: Callable[[], None] | None = None,
 ) -> list[MCQItem]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     items: list[MCQItem] = []
     first_seen: dict[str, str] = {}  # id -> location
     image_problems: dict[str, RecordError | None] = {}  # many questions share an image
-    for raw in raws:
+    for raw in _counted(raws, on_record):
         try:
             if raw.problem is not None:
                 raise raw.problem
@@ -365,6 +371,16 @@ def _collect(
     if report.skipped_total:
         logger.warning("%s", report.summary())
     return items
+
+
+def _counted(
+    raws: Iterable[_RawRecord], on_record: Callable[[], None] | None
+) -> Iterator[_RawRecord]:
+    """`raws`, calling `on_record` as each one's processing ends (when the next is asked for)."""
+    for raw in raws:
+        yield raw
+        if on_record is not None:
+            on_record()
 
 
 def _image_problem(path: str) -> RecordError | None:

@@ -12,7 +12,7 @@ images/2d/cls/<modality>/<id>.png
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,14 +105,20 @@ def write_jsonl(path: Path, records: Sequence[Record]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def write_images(out_dir: Path, items: Sequence[SyntheticItem]) -> None:
+def write_images(
+    out_dir: Path,
+    items: Sequence[SyntheticItem],
+    on_image: Callable[[int, int], None] | None = None,
+) -> None:
     for folder in {(out_dir / image_relpath(item)).parent for item in items}:
         folder.mkdir(parents=True, exist_ok=True)
-    for item in items:
+    for done, item in enumerate(items, start=1):
         # compress_level 1: ~3x faster than the default for a few percent larger files.
         Image.fromarray(item.pixels, "RGB").save(
             out_dir / image_relpath(item), format="PNG", compress_level=1
         )
+        if on_image is not None:
+            on_image(done, len(items))
 
 
 def write_synthetic_dataset(
@@ -126,6 +132,7 @@ def write_synthetic_dataset(
     shuffle_options: bool = False,
     sft_answers: SftAnswers = "true",
     n_sft: int | None = None,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> dict[str, Path]:
     """Generate and write train/eval/SFT splits; return the written paths by name.
 
@@ -133,6 +140,7 @@ def write_synthetic_dataset(
     down to a multiple of its option count, so in eval every letter is the gold answer equally often
     (a constant-letter policy scores exactly 1/k per task); manifest.json records the actual counts.
     `n_sft` (default: all) takes the first train items, mixed over tasks, for sft.jsonl.
+    `on_image(done, total)` is called after each image written (writing them takes most of the time).
     """
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
@@ -170,7 +178,7 @@ def write_synthetic_dataset(
         "images": out / "images",
         "manifest": out / "manifest.json",
     }
-    write_images(out, [*train, *held_out])
+    write_images(out, [*train, *held_out], on_image)
     write_jsonl(paths["train"], [rl_record(item) for item in train])
     write_jsonl(paths["eval"], [rl_record(item) for item in held_out])
     write_jsonl(paths["sft"], sft_records(sft_items, seed, sft_answers))
