@@ -411,7 +411,10 @@ class Cluster:
             host, sync_port = cluster._start_actors(plan)
             backend, sync_world = cluster._join_sync_group(host, sync_port)
         except BaseException:
-            cluster.shutdown()
+            try:
+                cluster.shutdown()
+            except Exception:  # the start's own error is the one to see
+                log.exception("start: removing the actors and placement group failed")
             raise
         log.info(
             "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s "
@@ -493,22 +496,27 @@ class Cluster:
             )
             for _ in range(cfg.reward.num_workers)
         ]
+        # The reward workers answer first: they start in seconds while the others load the
+        # model, so a bad reward.fn stops the start at once.
         if self.rollouts_sleep:
             # A colocated vLLM engine checks at start-up that its share of the GPU is free, so it
             # starts before the learners take memory there, then sleeps until the first push.
             self.rollouts = start_rollouts()
-            _await_start("start", self._calls(self.rollouts, "rollout worker", "ping"), timeout)
+            self._await_pings(self.rewards, "reward worker")
+            self._await_pings(self.rollouts, "rollout worker")
             self.sleep_rollouts()
             self.learners = start_learners()
         else:
             self.learners, self.rollouts = start_learners(), start_rollouts()
-        for actors, kind in (
-            (self.learners, "learner rank"),
-            (self.rollouts, "rollout worker"),
-            (self.rewards, "reward worker"),
-        ):
-            _await_start("start", self._calls(actors, kind, "ping"), timeout)
+            self._await_pings(self.rewards, "reward worker")
+        self._await_pings(self.learners, "learner rank")
+        self._await_pings(self.rollouts, "rollout worker")
         return master_addr, sync_port
+
+    def _await_pings(self, actors: list[Any], kind: str) -> None:
+        """Wait for the actors' constructors (at most cluster.start_timeout_s)."""
+        calls = self._calls(actors, kind, "ping")
+        _await_start("start", calls, self.cfg.cluster.start_timeout_s)
 
     def _join_sync_group(self, host: str, port: int) -> tuple[str, int]:
         """Learner rank 0 and every rollout worker join the weight-sync group (all launched
