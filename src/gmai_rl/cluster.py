@@ -248,9 +248,10 @@ def job_working_dir(cwd: Path, environ: Mapping[str, str]) -> Path | None:
     """The temporary copy of a submitted job's working directory that the driver runs in, or
     None outside such a job.
 
-    Ray unpacks a job's working_dir under the session's runtime_resources/working_dir_files/
-    and starts the driver there; a job whose working_dir Ray copied but whose path looks
-    otherwise still counts (its cwd is the copy), while a local:// working_dir is used in place.
+    Ray 2.60 unpacks a job's working_dir under the session's
+    runtime_resources/working_dir_files/ and starts the driver there. Should the folder be named
+    otherwise, the job config Ray hands the driver still tells: a working_dir URI other than
+    local:// (a folder Ray uses in place) means the driver runs in a copy.
     """
     parts = cwd.parts
     for i in range(len(parts) - 2):
