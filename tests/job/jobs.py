@@ -70,9 +70,11 @@ def cluster_env(dashboard: str) -> dict[str, str]:
     return env
 
 
-def stop_session(session_id: int, grace_s: float = 15) -> None:
+def stop_session(session_id: int, grace_s: float = 5) -> None:
     """Stop every process of a session (one `ray start` and what it spawned: GCS, raylet,
-    dashboard, workers) and their children (job drivers start sessions of their own)."""
+    dashboard, workers) and their children (job drivers start sessions of their own). The GCS
+    server may sit out SIGTERM: after `grace_s` whatever is left is killed (a test cluster holds
+    nothing to save)."""
     import psutil
 
     procs: dict[int, psutil.Process] = {}
@@ -86,10 +88,23 @@ def stop_session(session_id: int, grace_s: float = 15) -> None:
     for proc in procs.values():
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_running(p) for p in procs.values()):
+        time.sleep(0.5)
+    for proc in procs.values():
+        if _running(proc):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def _running(proc) -> bool:
+    """Alive and not a zombie (which only its parent, not this process, can reap)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def wait_for_job(client, job_id: str, timeout_s: float, poll_s: float = 5) -> str:
