@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
+.PHONY: install test test-slow test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+# Training as users launch it: `ray start --head` on this machine (its own ports and temporary
+# folder, stopped at the end), jobs through launch/submit.sh, a hydra multirun. -s shows the
+# measured submit-to-first-step time.
+test-job: install
+	$(PY) -m pytest -m job -s tests/job
 
 # Checks that need a CUDA device (plain torch, no Ray); they skip where none is visible.
 test-gpu: install

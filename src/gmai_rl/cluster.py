@@ -5,7 +5,9 @@ The driver (gmai_rl.loop) calls methods of a `Cluster`: `generate`, `score`, `tr
 before awaiting any, and gathers the results in order. Nothing else in the package imports Ray
 (the actor modules are plain classes that this module wraps with `ray.remote`).
 
-Every wait is bounded: the placement group and the actors' constructors by
+Before it creates anything, `Cluster.start` checks that the cluster can hold the placement group
+and every reward worker (`resource_shortfall`, pure), and stops naming what is missing. Every
+wait is bounded: the placement group and the actors' constructors by
 `cluster.start_timeout_s`, every stage by `cluster.call_timeout_s`. A stage that does not answer
 in time raises `StageTimeoutError`, one whose actor died (or whose rollout engine broke,
 `EngineBrokenError`) `ActorDiedError`, each naming the stage and the actors; any other exception
@@ -15,7 +17,12 @@ Bundle layout (`plan_bundles`, pure):
 - separate (default): one bundle per learner rank, then one per rollout worker;
 - colocated: one bundle per learner rank, each shared by that rank and one rollout worker, each
   actor taking half of the bundle's CPUs and GPUs (generation and training alternate in time).
-Reward workers are light and sit outside the placement group.
+Reward workers are light (REWARD_WORKER_CPUS each) and sit outside the placement group.
+
+Under `ray job submit` the driver runs in a temporary copy of the job's working directory, which
+Ray deletes with the session: `check_output_dir` refuses outputs there. The actors take the
+environment variables they need in their own runtime env (`actor_env`), which Ray merges over
+the job's, so the driver never passes one to `ray.init` (that conflicts with the job's).
 
 Start-up order matters: the learner ranks rendezvous on rank 0's node (address found by a probe task
 in bundle 0), then learner rank 0 and every rollout worker join the weight-sync group, all launched
@@ -24,14 +31,17 @@ before any is awaited, since each join blocks until the whole group is there.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
-from gmai_rl.config import ClusterConfig, TrainConfig
+from gmai_rl.config import ClusterConfig, PlacementStrategy, TrainConfig
 from gmai_rl.learner.batching import plan_rank_batches, split_even
 from gmai_rl.learner.options import OptimOptions
 from gmai_rl.learner.rank_metrics import combine_rank_metrics, combine_sft_metrics
@@ -121,6 +131,162 @@ def contiguous_shares(items: Sequence[T], parts: int) -> list[list[T]]:
     return [list(items[i * size : (i + 1) * size]) for i in range(parts)]
 
 
+# ------------------------------------------------------------------------ resources (pure)
+
+REWARD_WORKER_CPUS = 0.5
+"""CPUs each reward worker asks for, outside the placement group."""
+
+_KEYS_TO_CHANGE = {
+    "CPU": "cluster.cpus_per_actor, cluster.learner_ranks, cluster.rollout_workers or "
+    "reward.num_workers",
+    "GPU": "cluster.gpus_per_learner, cluster.gpus_per_rollout_worker, cluster.learner_ranks or "
+    "cluster.rollout_workers",
+}
+
+
+def run_demand(plan: BundlePlan, reward_workers: int) -> dict[str, float]:
+    """Every resource the run holds at once: the placement group's bundles plus the reward
+    workers."""
+    total = _sum_resources(plan.bundles)
+    if reward_workers:
+        total["CPU"] = total.get("CPU", 0) + REWARD_WORKER_CPUS * reward_workers
+    return total
+
+
+def resource_shortfall(
+    plan: BundlePlan,
+    reward_workers: int,
+    strategy: str,
+    cluster: Mapping[str, float],
+    nodes: Sequence[Mapping[str, float]] = (),
+) -> list[str]:
+    """Why the cluster cannot hold the run, one sentence per problem; empty when it can.
+
+    `cluster` holds the cluster's resources (its total, or what is free), `nodes` each node's
+    total; without `nodes` only the totals are compared. E.g. "the placement group takes 4 CPUs,
+    the reward worker needs 0.5 more; the cluster has 4".
+    """
+    group = _sum_resources(plan.bundles)
+    rewards = REWARD_WORKER_CPUS * reward_workers
+    problems = []
+    for resource in sorted(run_demand(plan, reward_workers)):
+        takes, has = group.get(resource, 0), cluster.get(resource, 0)
+        extra = rewards if resource == "CPU" else 0
+        if takes + extra <= has + 1e-9:
+            continue
+        unit = f"{resource}s" if takes != 1 else resource
+        text = f"the placement group takes {takes:g} {unit}"
+        if extra:
+            who = "the reward worker needs" if reward_workers == 1 else "the reward workers need"
+            text += f", {who} {extra:g} more"
+        problems.append(f"{text}; the cluster has {has:g} (see {_KEYS_TO_CHANGE.get(resource)})")
+    if nodes:
+        problems += _node_problems(plan.bundles, strategy, nodes)
+    return problems
+
+
+def _node_problems(
+    bundles: Sequence[Mapping[str, float]], strategy: str, nodes: Sequence[Mapping[str, float]]
+) -> list[str]:
+    """Bundles that no single node can hold, under the placement strategy's rules."""
+
+    def fits(need: Mapping[str, float], node: Mapping[str, float]) -> bool:
+        return all(node.get(k, 0) + 1e-9 >= v for k, v in need.items())
+
+    sizes = "; ".join(_format(node) for node in nodes)
+    problems = []
+    for bundle in {tuple(sorted(b.items())): b for b in bundles}.values():
+        if not any(fits(bundle, node) for node in nodes):
+            problems.append(f"no node can hold a bundle of {_format(bundle)} (nodes: {sizes})")
+    if strategy == PlacementStrategy.STRICT_PACK and not problems:
+        whole = _sum_resources(bundles)
+        if not any(fits(whole, node) for node in nodes):
+            problems.append(
+                f"cluster.placement_strategy=STRICT_PACK puts every bundle ({_format(whole)} in "
+                f"all) on one node, and none is that large (nodes: {sizes})"
+            )
+    if strategy == PlacementStrategy.STRICT_SPREAD and len(bundles) > len(nodes):
+        problems.append(
+            f"cluster.placement_strategy=STRICT_SPREAD puts each of the {len(bundles)} bundles on "
+            f"a node of its own; the cluster has {len(nodes)} node(s)"
+        )
+    return problems
+
+
+def _sum_resources(bundles: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _format(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU"))
+
+
+# ------------------------------------------------------------------ environment (pure)
+
+JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in a submitted job's driver: the job's runtime env, as JSON."""
+
+
+def actor_env(cfg: TrainConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment variables every actor gets in its own runtime env (merged over the job's).
+
+    The driver's HF_HUB_OFFLINE travels when set, so an offline driver has offline actors.
+    """
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if "HF_HUB_OFFLINE" in environ:
+        env["HF_HUB_OFFLINE"] = environ["HF_HUB_OFFLINE"]
+    if cfg.cluster.gpus_per_learner == 0:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise look for a GPU and fail
+    return env
+
+
+def job_working_dir(cwd: Path, environ: Mapping[str, str]) -> Path | None:
+    """The temporary copy of a submitted job's working directory that the driver runs in, or
+    None outside such a job.
+
+    Ray 2.60 unpacks a job's working_dir under the session's
+    runtime_resources/working_dir_files/ and starts the driver there. Should the folder be named
+    otherwise, the job config Ray hands the driver still tells: a working_dir URI other than
+    local:// (a folder Ray uses in place) means the driver runs in a copy.
+    """
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 2] == ("runtime_resources", "working_dir_files"):
+            return Path(*parts[: i + 3])
+    try:
+        job = json.loads(environ.get(JOB_CONFIG_VAR) or "{}")
+    except json.JSONDecodeError:
+        return None
+    uri = str((job.get("runtime_env") or {}).get("working_dir") or "")
+    return cwd if uri and not uri.startswith("local://") else None
+
+
+def output_dir_error(output_dir: str, cwd: Path, environ: Mapping[str, str]) -> str | None:
+    """Why `output_dir` cannot hold the run's outputs, or None: inside a job's temporary
+    working directory they would vanish with the Ray session."""
+    temporary = job_working_dir(cwd, environ)
+    path = (cwd / output_dir).resolve()
+    if temporary is None or not path.is_relative_to(temporary.resolve()):
+        return None
+    return (
+        f"trainer.output_dir={path} lies inside this Ray job's temporary working directory "
+        f"({temporary}), which Ray deletes with the session: set trainer.output_dir to an "
+        "absolute path outside it (shared storage on a multi-node cluster), or submit with "
+        "launch/submit.sh, which sets one"
+    )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse, at start-up, an output folder that would not outlive the Ray session."""
+    error = output_dir_error(output_dir, Path.cwd(), os.environ)
+    if error:
+        raise ValueError(error)
+
+
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -136,36 +302,71 @@ class ActorDiedError(ClusterError):
     """An actor's process died (killed, out of memory, node lost) during a stage."""
 
 
+class InsufficientResourcesError(ClusterError):
+    """The cluster cannot hold the run's placement group and actors."""
+
+
 # ----------------------------------------------------------------------------------- ray
 
 
-def init_ray(cfg: TrainConfig) -> None:
+def init_ray(cfg: TrainConfig) -> bool:
+    """Connect to the configured cluster (`cluster.address`, $RAY_ADDRESS, or the cluster of
+    `ray job submit`), or start a local Ray advertising enough CPUs for every actor; False when
+    Ray was already initialised (nothing done)."""
     import ray
 
     if ray.is_initialized():
-        return
-    env = {
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-    }
-    if cfg.cluster.gpus_per_learner == 0:
-        env["DS_ACCELERATOR"] = "cpu"
-    runtime_env = {"env_vars": env}
+        return False
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address, runtime_env=runtime_env)
-        return
-    plan = plan_bundles(cfg.cluster)
-    needed = sum(b.get("CPU", 0) for b in plan.bundles) + cfg.reward.num_workers * 0.5
+        ray.init(address=cfg.cluster.address)
+        return True
+    needed = run_demand(plan_bundles(cfg.cluster), cfg.reward.num_workers).get("CPU", 0)
     ports = {}
     if cfg.cluster.metrics_export_port is not None:
         ports["_metrics_export_port"] = cfg.cluster.metrics_export_port
     ray.init(
-        num_cpus=cfg.cluster.num_cpus or max(int(needed + 0.999), 1),
+        num_cpus=cfg.cluster.num_cpus or max(math.ceil(needed), 1),
         include_dashboard=cfg.cluster.dashboard,
-        runtime_env=runtime_env,
         log_to_driver=True,
         **ports,
     )
+    return True
+
+
+@contextmanager
+def ray_session(cfg: TrainConfig) -> Iterator[None]:
+    """Ray for one run (`init_ray`), shut down on exit if this run started it: the next run of
+    a hydra multirun, in the same process, then starts its own."""
+    import ray
+
+    started = init_ray(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _check_resources(cfg: TrainConfig, plan: BundlePlan) -> None:
+    """Stop before creating anything when the cluster cannot hold the run; warn when it can but
+    other work holds what it needs (the waits are then bounded by cluster.start_timeout_s)."""
+    import ray
+
+    if not cfg.cluster.check_resources:
+        return
+    workers, strategy = cfg.reward.num_workers, str(cfg.cluster.placement_strategy)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problems = resource_shortfall(plan, workers, strategy, ray.cluster_resources(), nodes)
+    if problems:
+        raise InsufficientResourcesError(
+            "start: the cluster cannot hold this run: "
+            + "; ".join(problems)
+            + ". Change those keys or add resources to the cluster (cluster.num_cpus for a "
+            "local Ray; cluster.check_resources=false on an autoscaling cluster)."
+        )
+    busy = resource_shortfall(plan, workers, strategy, ray.available_resources())
+    if busy:
+        log.warning("start: waiting for resources other work holds: %s", "; ".join(busy))
 
 
 Call = tuple[str, Any]
@@ -206,38 +407,58 @@ class Cluster:
 
     @classmethod
     def start(cls, cfg: TrainConfig) -> Cluster:
-        """Place and start every actor, form the learner group and the weight-sync group."""
+        """Check that the cluster can hold the run, place and start every actor, form the learner
+        group and the weight-sync group; on failure, remove whatever was started."""
+        plan = plan_bundles(cfg.cluster)
+        _check_resources(cfg, plan)
+        cluster = cls(cfg, [], [], [], _ready_placement_group(cfg, plan), [])
+        try:
+            host, sync_port = cluster._start_actors(plan)
+            backend, sync_world = cluster._join_sync_group(host, sync_port)
+        except BaseException:
+            try:
+                cluster.shutdown()
+            except Exception:  # the start's own error is the one to see
+                log.exception("start: removing the actors and placement group failed")
+            raise
+        log.info(
+            "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s "
+            "(world size %d)",
+            len(cluster.learners),
+            len(cluster.rollouts),
+            len(cluster.rewards),
+            backend,
+            sync_world,
+        )
+        return cluster
+
+    def _start_actors(self, plan: BundlePlan) -> tuple[str, int]:
+        """Start the reward workers, learner ranks and rollout workers and wait for each one's
+        constructor (model loading, DeepSpeed init); returns the sync group's host and port."""
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from gmai_rl.learner.worker import Learner
         from gmai_rl.reward.worker import RewardWorker
         from gmai_rl.rollout.worker import RolloutWorker
 
-        timeout = cfg.cluster.start_timeout_s
-        plan = plan_bundles(cfg.cluster)
-        pg = placement_group(plan.bundles, strategy=str(cfg.cluster.placement_strategy))
-        ready, _ = ray.wait([pg.ready()], timeout=timeout)
-        if not ready:
-            raise StageTimeoutError(
-                f"start: the placement group ({plan.bundles}) was not ready within {timeout:g} s "
-                f"(cluster.start_timeout_s); the cluster has {ray.cluster_resources()}"
-            )
+        cfg, timeout = self.cfg, self.cfg.cluster.start_timeout_s
+        runtime_env = {"env_vars": actor_env(cfg, os.environ)}
 
         def in_bundle(index: int, resources: dict[str, float]) -> dict[str, Any]:
             return {
                 "num_cpus": resources.get("CPU", 0),
                 "num_gpus": resources.get("GPU", 0),
+                "runtime_env": runtime_env,
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=index
+                    placement_group=self.placement_group, placement_group_bundle_index=index
                 ),
             }
 
         # The learner group's rendezvous and the weight-sync group's store both live on learner
         # rank 0's node: a probe task in its bundle finds the node's address and two free ports.
         probe = ray.remote(_node_address).options(**in_bundle(plan.learner_bundles[0], {"CPU": 0}))
-        ((master_addr, master_port, sync_port),) = _await(
+        ((master_addr, master_port, sync_port),) = _await_start(
             "start", [("probe", probe.remote())], timeout
         )
         world = cfg.cluster.learner_ranks
@@ -274,29 +495,42 @@ class Cluster:
             ]
 
         reward_cls = ray.remote(RewardWorker)
-        rewards = [
-            reward_cls.options(num_cpus=0.5).remote(cfg.reward.fn, cfg.reward.format_weight)
+        self.rewards = [
+            reward_cls.options(num_cpus=REWARD_WORKER_CPUS, runtime_env=runtime_env).remote(
+                cfg.reward.fn, cfg.reward.format_weight
+            )
             for _ in range(cfg.reward.num_workers)
         ]
-        cluster = cls(cfg, [], [], rewards, pg, [])
-        # Wait for every actor's constructor (model loading, DeepSpeed init) before wiring the sync.
-        if cluster.rollouts_sleep:
+        # The reward workers answer first: they start in seconds while the others load the
+        # model, so a bad reward.fn stops the start at once.
+        if self.rollouts_sleep:
             # A colocated vLLM engine checks at start-up that its share of the GPU is free, so it
             # starts before the learners take memory there, then sleeps until the first push.
-            cluster.rollouts = start_rollouts()
-            _await("start", cluster._calls(cluster.rollouts, "rollout worker", "ping"), timeout)
-            cluster.sleep_rollouts()
-            cluster.learners = start_learners()
+            self.rollouts = start_rollouts()
+            self._await_pings(self.rewards, "reward worker")
+            self._await_pings(self.rollouts, "rollout worker")
+            self.sleep_rollouts()
+            self.learners = start_learners()
         else:
-            cluster.learners, cluster.rollouts = start_learners(), start_rollouts()
-        learners, rollouts = cluster.learners, cluster.rollouts
-        _await("start", cluster._calls(learners, "learner rank", "ping"), timeout)
-        _await("start", cluster._calls(rollouts, "rollout worker", "ping"), timeout)
-        _await("start", cluster._calls(rewards, "reward worker", "ping"), timeout)
+            self.learners, self.rollouts = start_learners(), start_rollouts()
+            self._await_pings(self.rewards, "reward worker")
+        self._await_pings(self.learners, "learner rank")
+        self._await_pings(self.rollouts, "rollout worker")
+        return master_addr, sync_port
 
-        host, port = master_addr, sync_port
-        members = _await(
-            "start", cluster._calls(rollouts, "rollout worker", "sync_members"), timeout
+    def _await_pings(self, actors: list[Any], kind: str) -> None:
+        """Wait for the actors' constructors (at most cluster.start_timeout_s)."""
+        calls = self._calls(actors, kind, "ping")
+        _await_start("start", calls, self.cfg.cluster.start_timeout_s)
+
+    def _join_sync_group(self, host: str, port: int) -> tuple[str, int]:
+        """Learner rank 0 and every rollout worker join the weight-sync group (all launched
+        before any is awaited: each join blocks until the whole group is there); rank 0 then
+        plans the buckets. Returns the group's backend and world size."""
+        cfg, timeout = self.cfg, self.cfg.cluster.start_timeout_s
+        learners, rollouts = self.learners, self.rollouts
+        members = _await_start(
+            "start", self._calls(rollouts, "rollout worker", "sync_members"), timeout
         )
         offsets, sync_world = sync_ranks(members)
         backend, sync_timeout = sync_backend(cfg.cluster), cfg.sync.timeout_s
@@ -313,10 +547,10 @@ class Cluster:
             )
             for i, (r, offset) in enumerate(zip(rollouts, offsets, strict=True))
         ]
-        _await("start: joining the weight-sync group", joins, timeout)
+        _await_start("start: joining the weight-sync group", joins, timeout)
         wire_dtype = str(cfg.sync.wire_dtype) if cfg.sync.wire_dtype else None
         bucket_bytes = cfg.sync.bucket_mb * 2**20
-        cluster.sync_plan, cluster.trainable_plan = _await(
+        self.sync_plan, self.trainable_plan = _await_start(
             "start",
             [
                 ("learner rank 0", learners[0].sync_plan.remote(bucket_bytes, wire_dtype)),
@@ -324,18 +558,10 @@ class Cluster:
             ],
             timeout,
         )
-        log.info(
-            "cluster up: %d learner rank(s), %d rollout worker(s), %d reward worker(s), sync %s "
-            "(world size %d)",
-            len(learners),
-            len(rollouts),
-            len(rewards),
-            backend,
-            sync_world,
-        )
-        return cluster
+        return backend, sync_world
 
     def shutdown(self) -> None:
+        """Kill every actor and release the placement group."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
@@ -518,6 +744,39 @@ class Cluster:
 
     def _await(self, stage: str, calls: list[Call]) -> list[Any]:
         return _await(stage, calls, self.timeout_s)
+
+
+def _ready_placement_group(cfg: TrainConfig, plan: BundlePlan) -> Any:
+    """The run's placement group once Ray has reserved it (at most cluster.start_timeout_s)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    timeout = cfg.cluster.start_timeout_s
+    pg = placement_group(plan.bundles, strategy=str(cfg.cluster.placement_strategy))
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if not ready:
+        remove_placement_group(pg)
+        raise StageTimeoutError(
+            f"start: the placement group ({plan.bundles}) was not ready within {timeout:g} s "
+            f"(cluster.start_timeout_s); {_free_resources()}"
+        )
+    return pg
+
+
+def _await_start(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
+    """`_await` for start-up, whose timeout also says what the cluster has free: an actor that
+    cannot be scheduled and one still loading its model look alike from the driver."""
+    try:
+        return _await(stage, calls, timeout_s)
+    except StageTimeoutError as err:
+        raise StageTimeoutError(f"{err}; {_free_resources()}") from None
+
+
+def _free_resources() -> str:
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return f"the cluster has {_format(free) or 'nothing'} free of {_format(total)}"
 
 
 def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:

@@ -12,9 +12,13 @@ it, they are built from the option objects it holds.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from omegaconf import II
+from omegaconf import II, OmegaConf
 
 from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
 from gmai_rl.learner.options import (
@@ -44,6 +48,51 @@ class SFTAnswers(StrChoice):
 # What to do with a bad record: "raise" stops at the first one, naming file and line; "skip"
 # counts and reports them and trains on the rest. Functional form: `raise` is a Python keyword.
 OnError = StrChoice("OnError", {"raise": "raise", "skip": "skip"})  # type: ignore[call-arg]
+
+
+# ------------------------------------------------------------------ the artifacts cache
+
+CACHE_ENV = "GMAI_RL_CACHE"
+
+
+def artifacts_cache(environ: Mapping[str, str], home: Path) -> Path:
+    """Where the demo's built artifacts (tiny model, synthetic data) live: $GMAI_RL_CACHE, else
+    $XDG_CACHE_HOME/gmai-rl, else ~/.cache/gmai-rl; never inside the checkout, which a Ray job
+    runs from a temporary copy of."""
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV]).expanduser().absolute()
+    if environ.get("XDG_CACHE_HOME"):
+        return Path(environ["XDG_CACHE_HOME"]).expanduser().absolute() / "gmai-rl"
+    return home / ".cache" / "gmai-rl"
+
+
+def synthetic_key(settings: Mapping[str, Any]) -> str:
+    """A folder name that differs whenever a setting of the generator differs (every key but
+    `dir`), so runs with other settings never share a cached dataset: `n_train=2000,...`."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+            return "+".join(text(v) for v in value)
+        return str(value)
+
+    # Keys first, values one by one: reading `dir` itself would resolve this very interpolation.
+    return ",".join(f"{k}={text(settings[k])}" for k in settings if k != "dir")
+
+
+def _cache_resolver(*parts: str) -> str:
+    """${gmai_rl.cache:} is the cache folder, ${gmai_rl.cache:sub/dir} a folder inside it."""
+    return str(artifacts_cache(os.environ, Path.home()).joinpath(*parts))
+
+
+def _synthetic_dir_resolver(*, _parent_: Any) -> str:
+    """${gmai_rl.synthetic_dir:} inside data.synthetic: the cache folder of these settings."""
+    return _cache_resolver("synthetic", synthetic_key(_parent_))
+
+
+OmegaConf.register_new_resolver("gmai_rl.cache", _cache_resolver, replace=True)
+OmegaConf.register_new_resolver("gmai_rl.synthetic_dir", _synthetic_dir_resolver, replace=True)
 
 
 class WandbMode(StrChoice):
@@ -81,8 +130,9 @@ class PlacementStrategy(StrChoice):
 class SyntheticDataConfig:
     """The embedded synthetic dataset (gmai_rl.data.synthetic), written when absent."""
 
-    dir: str = "artifacts/synthetic"
-    """Folder for train.jsonl, eval.jsonl, sft.jsonl and images/ (relative: to the working dir)."""
+    dir: str = "${gmai_rl.synthetic_dir:}"
+    """Folder for train.jsonl, eval.jsonl, sft.jsonl and images/; by default a folder of the
+    artifacts cache ($GMAI_RL_CACHE, else ~/.cache/gmai-rl) named after the settings below."""
     n_train: int = 2000
     """Training questions, split evenly over the tasks."""
     n_eval: int = 400
@@ -240,9 +290,13 @@ class ClusterConfig:
     """Memory of each GPU in GiB, for the plan's memory checks (80: A100/H100 80GB); null: the
     driver's first GPU (torch.cuda). Unknown (null on a driver without a GPU): the GPU memory
     checks are skipped and the plan says so."""
+    check_resources: bool = True
+    """Before creating anything, stop when the cluster as it is cannot hold the placement group
+    and the reward workers, naming what is missing. false on an autoscaling cluster that adds
+    nodes on demand (then only cluster.start_timeout_s bounds the wait)."""
     start_timeout_s: float = 1800.0
     """Longest wait for the placement group and each actor's start (model loading, DeepSpeed
-    init); exceeded, the run stops naming what did not start."""
+    init); exceeded, the run stops naming what did not start and what the cluster has free."""
     call_timeout_s: float = 1800.0
     """Longest wait for one stage's remote calls (generate, score, train, weight sync, save);
     exceeded, the run stops naming the stage and the actors that did not answer."""
@@ -269,8 +323,10 @@ class TrainerConfig:
     seed: int = 0
     """Seeds prompt order, SFT batches, the learner ranks and the rollout workers' sampling."""
     output_dir: str = "${hydra:runtime.output_dir}"
-    """Where metrics.jsonl, eval.json, the dashboards' files, the report and checkpoints go (each
-    job of a hydra multirun sweep has its own)."""
+    """Where metrics.jsonl, eval.json and checkpoints go: hydra's run folder by default
+    (outputs/<date>/<time>, multirun/<date>/<time>/<n>). Under `ray job submit` it must be an
+    absolute path outside the job's temporary working directory (shared storage on a multi-node
+    cluster); launch/submit.sh sets one."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """What the driver feeds the stages: the datasets, an endless seeded item order, SFT samples.
 
 prepare_artifacts  the tiny model and synthetic data when the config asks for them and they
-                   are absent (the demo), with a progress bar over the images written
+                   are absent (the demo), built whole before they appear in the cache, with
+                   a progress bar over the images written
 load_datasets      train / held-out / SFT items from their JSONL files, with a progress bar per
                    file (checking every image takes a while on real data)
 ItemSampler        draws without replacement, reshuffled every epoch (RL prompts, SFT batches)
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -30,28 +33,59 @@ T = TypeVar("T")
 
 def prepare_artifacts(cfg: TrainConfig) -> None:
     """Build the offline tiny model and the synthetic dataset when configured and missing."""
-    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.path) / "config.json").exists():
+    if cfg.model.build_tiny_if_missing:
         from gmai_rl.models.tiny import make_tiny_model
 
-        log.info("building the tiny offline model at %s", cfg.model.path)
-        make_tiny_model(cfg.model.path, seed=cfg.trainer.seed)
+        def tiny(out: Path) -> None:
+            make_tiny_model(out, seed=cfg.trainer.seed)
+
+        build_once(Path(cfg.model.path), "config.json", tiny, "the tiny offline model")
     syn = cfg.data.synthetic
-    if syn is not None and not (Path(syn.dir) / "train.jsonl").exists():
+    if syn is not None:
         from gmai_rl.data.synthetic import write_synthetic_dataset
 
-        log.info("writing the synthetic dataset to %s", syn.dir)
-        with Progress.of(cfg.dashboards, "synthetic images", None, unit="image") as bar:
-            write_synthetic_dataset(
-                syn.dir,
-                n_train=syn.n_train,
-                n_eval=syn.n_eval,
-                seed=syn.seed,
-                tasks=syn.tasks,
-                image_size=syn.image_size,
-                shuffle_options=syn.shuffle_options,
-                sft_answers=syn.sft_answers.value,
-                on_image=bar.advance_to,
-            )
+        def synthetic(out: Path) -> None:
+            with Progress.of(cfg.dashboards, "synthetic images", None, unit="image") as bar:
+                write_synthetic_dataset(
+                    out,
+                    n_train=syn.n_train,
+                    n_eval=syn.n_eval,
+                    seed=syn.seed,
+                    tasks=syn.tasks,
+                    image_size=syn.image_size,
+                    shuffle_options=syn.shuffle_options,
+                    sft_answers=syn.sft_answers.value,
+                    on_image=bar.advance_to,
+                )
+
+        build_once(Path(syn.dir), "train.jsonl", synthetic, "the synthetic dataset")
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None], what: str) -> None:
+    """Build `what` into `target` unless `target/marker` exists.
+
+    The build writes a fresh sibling folder that is then renamed into place, so a run never sees
+    a half-written cache entry, even while another run builds the same one; if another run
+    finishes first, its copy stays and this one is discarded.
+    """
+    if (target / marker).exists():
+        return
+    log.info("building %s at %s", what, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (mkdtemp would make it private to this user): the cache may be shared.
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError as err:
+            if not (target / marker).exists():
+                raise RuntimeError(
+                    f"{target} exists but holds no {marker}: delete it to rebuild {what}"
+                ) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass

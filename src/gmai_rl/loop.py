@@ -33,7 +33,7 @@ from gmai_rl.checkpoint import (
     prune,
     resolve_resume,
 )
-from gmai_rl.cluster import Cluster, init_ray
+from gmai_rl.cluster import Cluster, check_output_dir, ray_session
 from gmai_rl.config import AlgoConfig, TrainConfig, validate
 from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt
@@ -60,6 +60,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     returns what eval.json holds."""
     started = time.perf_counter()
     validate(cfg)
+    check_output_dir(cfg.trainer.output_dir)
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume = resume_point(cfg)
@@ -68,7 +69,24 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     data = load_datasets(cfg)
     data_s = time.perf_counter() - started
     preflight(cfg, [*data.train, *data.eval])
-    init_ray(cfg)
+    with ray_session(cfg):
+        result = run_on_cluster(cfg, data, out, resume, state, started, data_s)
+    if cfg.dashboards.report and (md := report(cfg, out, result, time.perf_counter() - started)):
+        result["report"] = str(md)
+    return result
+
+
+def run_on_cluster(
+    cfg: TrainConfig,
+    data: Datasets,
+    out: Path,
+    resume: Path | None,
+    state: DriverState | None,
+    started: float,
+    data_s: float,
+) -> dict[str, Any]:
+    """Start the cluster, then SFT, evaluation, RL, evaluation and the final checkpoint (or the
+    rest of a resumed run); the cluster is shut down at the end."""
     # Before the cluster starts (minutes on a GPU node): a dashboard that cannot open (W&B online
     # without network) fails the run in seconds.
     dashboards = open_dashboards(cfg, out, keep_lines=state.metrics_lines if state else 0)
@@ -105,8 +123,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         dashboards.close(failed)
         if cluster is not None:
             cluster.shutdown()
-    if cfg.dashboards.report and (md := report(cfg, out, result, time.perf_counter() - started)):
-        result["report"] = str(md)
     return result
 
 
@@ -214,6 +230,9 @@ def run_rl(
             dashboards.write(record)
             log.info(progress_line(record, cfg.trainer.steps))
             bar.update(reward=record["reward_mean"], acc=record["accuracy"])
+            if step == first:
+                # Start-up cost is what a user waits for before training shows: a line to find.
+                log.info("first RL step done at unix time %.3f", time.time())
             done = step + 1
             if (
                 cfg.trainer.eval_every

@@ -2,7 +2,9 @@
 
 The configuration tree is conf/ at the repository root (override with GMAI_RL_CONF); its schema,
 with every field documented, is `gmai_rl.config.TrainConfig`. Without arguments this runs the
-embedded demo: tiny offline Qwen2.5-VL, synthetic medical MCQs, SFT cold start, then GRPO.
+embedded demo: tiny offline Qwen2.5-VL, synthetic medical MCQs, SFT cold start, then GRPO. The
+demo's model and data are built once into the artifacts cache ($GMAI_RL_CACHE, else
+~/.cache/gmai-rl); outputs go to hydra's run folder (trainer.output_dir).
 """
 
 from __future__ import annotations
@@ -47,17 +49,22 @@ def compose(overrides: list[str]) -> TrainConfig:
 
 
 def absolutise_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths become absolute: Ray actors need not share the driver's working directory."""
-    model = Path(cfg.model.path)
+    """Local paths become absolute (`~` expanded): Ray actors need not share the driver's
+    working directory."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    model = Path(cfg.model.path).expanduser()
     if model.exists() or cfg.model.build_tiny_if_missing:
-        cfg.model.path = str(model.resolve())
+        cfg.model.path = absolute(cfg.model.path)
     d = cfg.data
     if d.synthetic is not None:
-        d.synthetic.dir = str(Path(d.synthetic.dir).resolve())
-    d.train = str(Path(d.train).resolve())
-    d.eval = str(Path(d.eval).resolve()) if d.eval else None
-    d.sft = str(Path(d.sft).resolve()) if d.sft else None
-    cfg.trainer.output_dir = str(Path(cfg.trainer.output_dir).resolve())
+        d.synthetic.dir = absolute(d.synthetic.dir)
+    d.train = absolute(d.train)
+    d.eval = absolute(d.eval) if d.eval else None
+    d.sft = absolute(d.sft) if d.sft else None
+    cfg.trainer.output_dir = absolute(cfg.trainer.output_dir)
     return cfg
 
 

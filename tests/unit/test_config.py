@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gmai_rl.config import TrainConfig, validate
+from gmai_rl.config import (
+    SyntheticDataConfig,
+    TrainConfig,
+    artifacts_cache,
+    synthetic_key,
+    validate,
+)
 from gmai_rl.train import CONF_DIR, to_train_config
 from support import compose, train_config
 
@@ -183,9 +189,63 @@ def test_config_groups_hold_only_what_differs_from_the_schema_defaults():
 
 def test_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = to_train_config(
+        compose("model.path=models/tiny", "data.synthetic.dir=data", "trainer.output_dir='~/out'")
+    )
+    assert cfg.model.path == str(tmp_path / "models" / "tiny")
+    assert cfg.data.train == str(tmp_path / "data" / "train.jsonl")
+    assert cfg.trainer.output_dir == str(tmp_path / "home" / "out")
+
+
+def test_the_demo_builds_its_artifacts_in_the_cache_not_the_working_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GMAI_RL_CACHE", str(tmp_path / "cache"))
     cfg = to_train_config(compose())
-    assert Path(cfg.model.path).is_absolute() and Path(cfg.data.train).is_absolute()
-    assert cfg.data.train.startswith(str(tmp_path))
+    assert cfg.model.path == str(tmp_path / "cache" / "tiny-qwen2.5-vl-seed0")
+    synthetic = Path(cfg.data.synthetic.dir)
+    assert synthetic.parent == tmp_path / "cache" / "synthetic"
+    assert cfg.data.train == str(synthetic / "train.jsonl")
+    assert cfg.data.eval == str(synthetic / "eval.jsonl")
+
+
+def test_the_cache_folder_comes_from_the_environment(tmp_path):
+    home = tmp_path / "home"
+    assert artifacts_cache({}, home) == home / ".cache" / "gmai-rl"
+    assert artifacts_cache({"XDG_CACHE_HOME": "/xdg"}, home) == Path("/xdg/gmai-rl")
+    assert artifacts_cache({"GMAI_RL_CACHE": "/c", "XDG_CACHE_HOME": "/xdg"}, home) == Path("/c")
+
+
+def test_each_seed_has_its_own_tiny_model():
+    assert train_config("trainer.seed=1").model.path.endswith("tiny-qwen2.5-vl-seed1")
+    assert train_config().model.path.endswith("tiny-qwen2.5-vl-seed0")
+
+
+SYNTHETIC_CHANGES = {
+    "n_train": "200",
+    "n_eval": "40",
+    "seed": "1",
+    "tasks": "[modality,lesion_quadrant]",
+    "image_size": "28",
+    "shuffle_options": "true",
+    "sft_answers": "random",
+}
+
+
+def test_every_synthetic_setting_has_its_own_cache_folder():
+    fields = {f.name for f in dataclasses.fields(SyntheticDataConfig)} - {"dir"}
+    assert set(SYNTHETIC_CHANGES) == fields  # a new setting must be listed here, and keyed
+    default = train_config().data.synthetic.dir
+    folders = {
+        train_config(f"data.synthetic.{key}={value}").data.synthetic.dir
+        for key, value in SYNTHETIC_CHANGES.items()
+    }
+    assert len(folders) == len(SYNTHETIC_CHANGES) and default not in folders
+
+
+def test_the_synthetic_key_reads_like_the_settings():
+    settings = {"dir": "ignored", "n_train": 8, "tasks": ["a", "b"], "shuffle_options": False}
+    assert synthetic_key(settings) == "n_train=8,tasks=a+b,shuffle_options=false"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,45 @@
+"""Start-up leaves nothing behind: a cluster too small for the run stops it before anything is
+placed, naming what is missing; an actor that fails to start takes the others and the placement
+group with it."""
+
+import re
+
+import pytest
+
+from gmai_rl.cluster import ActorDiedError, Cluster, InsufficientResourcesError, init_ray
+from gmai_rl.loop import run
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray")
+
+# 2 learner ranks + 2 rollout workers take the 4 CPUs; the reward worker's half CPU is missing.
+MISSING = "the placement group takes 4 CPUs, the reward worker needs 0.5 more; the cluster has 4"
+
+
+def test_a_reward_worker_that_cannot_fit_stops_the_run_before_anything_is_placed(
+    small_config, tmp_path
+):
+    # Without the check, the reward worker would wait start_timeout_s and fail otherwise.
+    cfg = small_config(tmp_path, "cluster.num_cpus=4", "cluster.start_timeout_s=120")
+    init_ray(cfg)  # started here, so the run leaves it up (a run shuts down only its own Ray)
+    try:
+        with pytest.raises(InsufficientResourcesError, match=re.escape(MISSING)) as err:
+            run(cfg)
+        assert "reward.num_workers" in str(err.value) and "cluster.num_cpus" in str(err.value)
+        assert ray.is_initialized()
+        assert ray.util.placement_group_table() == {}
+    finally:
+        ray.shutdown()
+
+
+def test_an_actor_that_fails_to_start_takes_the_placement_group_with_it(small_config, tmp_path):
+    cfg = small_config(tmp_path, "reward.fn=no_such_module:reward")
+    init_ray(cfg)
+    try:
+        with pytest.raises(ActorDiedError, match="reward worker 0 died") as err:
+            Cluster.start(cfg)
+        assert "cannot load reward function 'no_such_module:reward'" in str(err.value)
+        states = [pg["state"] for pg in ray.util.placement_group_table().values()]
+        assert states == ["REMOVED"]
+    finally:
+        ray.shutdown()
