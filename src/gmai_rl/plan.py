@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmai_rl.cluster import plan_bundles
+from gmai_rl.cluster import plan_bundles, resource_shortfall
 from gmai_rl.config import TrainConfig
 from gmai_rl.data import format_question
 from gmai_rl.models.loading import (
@@ -924,12 +924,18 @@ def _placement_problems(plan: Plan) -> list[str]:
                 "cluster.rollout_workers, cluster.colocate=true, or a Ray cluster "
                 "(cluster.address)"
             )
-    if hw.single_node and c.num_cpus is not None and c.num_cpus < plan.cpus_needed:
-        problems.append(
-            f"cluster.num_cpus={c.num_cpus} < the {plan.cpus_needed:g} CPUs the bundles and "
-            "reward workers ask for: the placement group would never be ready; raise it or "
-            "lower cluster.cpus_per_actor"
-        )
+    if hw.single_node and c.num_cpus is not None:
+        # The same check (and words) as the cluster's start-up check, against what the local
+        # ray.init() will advertise.
+        problems += [
+            f"cluster.num_cpus={c.num_cpus}: {problem}"
+            for problem in resource_shortfall(
+                plan_bundles(c),
+                plan.cfg.reward.num_workers,
+                str(c.placement_strategy),
+                {"CPU": c.num_cpus},
+            )
+        ]
     return problems
 
 

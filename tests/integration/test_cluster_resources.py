@@ -21,12 +21,16 @@ def test_a_reward_worker_that_cannot_fit_stops_the_run_before_anything_is_placed
 ):
     # Without the check, the reward worker would wait start_timeout_s and fail otherwise.
     cfg = small_config(tmp_path, "cluster.num_cpus=4", "cluster.start_timeout_s=120")
-    init_ray(cfg)  # started here, so the run leaves it up (a run shuts down only its own Ray)
+    # A run stops in its pre-flight plan, before Ray starts, with the cluster check's words.
+    with pytest.raises(ValueError, match=re.escape(f"cluster.num_cpus=4: {MISSING}")):
+        run(cfg)
+    assert not ray.is_initialized()
+    # On a running cluster of that size (e.g. `ray start --num-cpus 4`), the cluster's own check.
+    init_ray(cfg)
     try:
         with pytest.raises(InsufficientResourcesError, match=re.escape(MISSING)) as err:
-            run(cfg)
+            Cluster.start(cfg)
         assert "reward.num_workers" in str(err.value) and "cluster.num_cpus" in str(err.value)
-        assert ray.is_initialized()
         assert ray.util.placement_group_table() == {}
     finally:
         ray.shutdown()

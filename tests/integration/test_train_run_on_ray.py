@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from gmai_rl.cluster import init_ray
 from gmai_rl.dashboards import run_name
 from gmai_rl.loop import run
 from gmai_rl.ray_metrics import metrics_endpoint
@@ -18,6 +19,7 @@ ray = pytest.importorskip("ray")
 
 def test_end_to_end_run_writes_metrics_and_eval(small_config, tmp_path):
     cfg = small_config(tmp_path, "trainer.steps=2", "trainer.eval_every=1", "data.max_eval_items=8")
+    init_ray(cfg)  # started here, so the run leaves it up for the scrape below
     try:
         result = run(cfg)
         # The driver's gauges reach the node's metrics agent every few seconds: scrape while Ray

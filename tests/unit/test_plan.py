@@ -286,7 +286,7 @@ def test_a_prompt_longer_than_the_engine_window_is_refused_with_its_numbers(qwen
         (["learner.zero_stage=0"], "learner.zero_stage=0 with learner.bf16=true"),
         (["cluster.learner_ranks=8"], "the bundles need 12 GPUs, 2 nodes of 8"),
         (["rollout.vllm.max_model_len=200000"], "exceeds the model's 128000 positions"),
-        (["cluster.num_cpus=8"], "cluster.num_cpus=8 < the 32.5 CPUs"),
+        (["cluster.num_cpus=8"], "cluster.num_cpus=8: the placement group takes 32 CPUs"),
     ],
 )
 def test_layouts_that_cannot_fit_are_refused(qwen7b, overrides, message):
@@ -374,9 +374,9 @@ def test_a_run_stops_before_the_cluster_when_the_plan_cannot_fit(
     from gmai_rl import loop
 
     def no_cluster(cfg):
-        raise AssertionError("the cluster must not start")
+        raise AssertionError("Ray must not start")
 
-    monkeypatch.setattr(loop, "init_ray", no_cluster)
+    monkeypatch.setattr(loop, "ray_session", no_cluster)
     cfg = train_config(
         f"model.path={tiny_model_dir}",
         f"data.synthetic.dir={synthetic_dir}",

@@ -252,6 +252,20 @@ class Learner:
             for micro in chunk(samples, self.opts.micro_batch_size)
         ]
 
+    def score(self, samples: Sequence[TrainSample]) -> list[list[float]]:
+        """Each sample's completion log-probs under the current policy (the learner's side of a
+        rollout/learner comparison; every rank calls under ZeRO-3)."""
+        rows = [
+            row[: len(s.completion_ids)].tolist()
+            for micro, lp in zip(
+                chunk(samples, self.opts.micro_batch_size),
+                self._score(self.engine, samples),
+                strict=True,
+            )
+            for s, row in zip(micro, lp, strict=True)
+        ]
+        return rows
+
     # ----------------------------------------------------------------------------- training
 
     def train_rl(self, plan: RankBatch) -> dict[str, float]:
