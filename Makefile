@@ -26,8 +26,8 @@ test-slow: install
 	$(PY) -m pytest -m slow
 
 # Training as users launch it: `ray start --head` on this machine (its own ports and temporary
-# folder, stopped at the end), jobs through launch/submit.sh, a hydra multirun. -s shows the
-# measured submit-to-first-step time.
+# folder, stopped at the end), jobs through launch/submit.sh, a hydra multirun, a run killed with
+# SIGKILL and resumed from its checkpoint. -s shows the measured submit-to-first-step time.
 test-job: install
 	$(PY) -m pytest -m job -s tests/job
 

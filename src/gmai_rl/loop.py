@@ -98,9 +98,12 @@ def run_on_cluster(
         startup_s = time.perf_counter() - started - data_s
         setup = {"stage": "setup", "data_seconds": data_s, "startup_seconds": startup_s}
         if state is not None:
+            restore_start = time.perf_counter()
             cluster.restore_state(str(resume), state.policy_version)
-            log.info("resumed from %s after RL step %d", resume, state.step)
-            dashboards.write({**setup, "resumed_from": str(resume), "resumed_step": state.step})
+            restore_s = time.perf_counter() - restore_start
+            log.info("resumed from %s after RL step %d (%.1f s)", resume, state.step, restore_s)
+            resumed = {"resumed_from": str(resume), "resumed_step": state.step}
+            dashboards.write({**setup, **resumed, "restore_seconds": restore_s})
             result["before_rl"] = state.before_rl
         else:
             dashboards.write(setup)

@@ -2,10 +2,11 @@
 
 A local Ray cluster started the way a user starts one (`ray start --head`, authentication
 disabled for both the cluster and the submitting client), jobs submitted with
-launch/submit.sh, and hydra multiruns of `python -m gmai_rl.train`. The cluster gets its own
-temporary folder and ports, so it neither meets nor disturbs another Ray on the machine, and it
-is stopped process by process (the processes of its session and their children) rather than
-with `ray stop`, which would stop every Ray on the machine.
+launch/submit.sh, hydra multiruns of `python -m gmai_rl.train`, and a run killed mid-job and
+resumed from its checkpoint. The cluster gets its own temporary folder and ports, so it neither
+meets nor disturbs another Ray on the machine, and it is stopped process by process (the
+processes of its session and their children) rather than with `ray stop`, which would stop every
+Ray on the machine.
 """
 
 from __future__ import annotations

@@ -36,3 +36,9 @@ def test_a_two_job_sweep_gives_each_job_its_own_outputs_and_ray(tmp_path):
         assert json.loads((folder / "eval.json").read_text())["output_dir"] == str(folder)
         assert f"trainer.seed={seed}" in (folder / ".hydra" / "overrides.yaml").read_text()
         assert (cache / f"tiny-qwen2.5-vl-seed{seed}" / "config.json").exists()
+        # Each job's own end-of-run report and TensorBoard events, not the sweep's last job's.
+        saved = json.loads((folder / "eval.json").read_text())
+        accuracy = 100 * saved["after_rl"]["accuracy"]
+        assert f"% | {accuracy:.1f}% |" in (folder / "report.md").read_text()
+        assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+        assert list((folder / "tensorboard").glob("events.out.tfevents.*"))

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from gmai_rl.loop import run
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+# The job tier: six minutes on 2 CPU cores (two runs, one of them a process of its own).
+pytestmark = [pytest.mark.job, pytest.mark.timeout(1800)]
 ray = pytest.importorskip("ray")
 
 TIMING = ("seconds", "generate_tokens_per_s")
