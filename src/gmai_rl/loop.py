@@ -50,7 +50,7 @@ from gmai_rl.metrics import (
 from gmai_rl.plan import check, make_plan, render
 from gmai_rl.progress import Progress
 from gmai_rl.report import write_report
-from gmai_rl.types import Group, MCQItem, SamplingParams, TrainSample
+from gmai_rl.types import REWARD_FAILED, Group, MCQItem, SamplingParams, TrainSample
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ def rollout_fn(cluster: Cluster, cfg: TrainConfig, timer: StageTimer) -> Rollout
             groups = cluster.generate(prompts, cfg.rollout.samples_per_prompt, sampling)
         with timer("reward"):
             cluster.score(groups, items)
+        check_some_rewards_scored(groups, cfg.reward.fn)
         return groups
 
     return rollout
@@ -347,13 +348,25 @@ def collect_groups(
     return kept[:want], stats
 
 
+def check_some_rewards_scored(groups: Sequence[Group], reward_fn: str | None) -> None:
+    """A failed completion is one sample's fault; every completion failing is the function's."""
+    rewards = [r for g in groups for r in g.rewards]
+    if rewards and all(r.get(REWARD_FAILED) for r in rewards):
+        raise RuntimeError(
+            f"the reward function ({reward_fn or 'mcq_reward'}) failed on all {len(rewards)} "
+            "completions of this rollout: the reward workers' log lines show the first "
+            "tracebacks (reward.fn)"
+        )
+
+
 def group_accuracy(group: Group) -> float:
-    if any("accuracy" not in r for r in group.rewards):
+    """Failed completions (REWARD_FAILED) count as wrong."""
+    if any("accuracy" not in r for r in group.rewards if not r.get(REWARD_FAILED)):
         raise ValueError(
             "algo.accuracy_filter needs an 'accuracy' in every reward breakdown; the configured "
             "reward returns none (disable the filter or add it)"
         )
-    return sum(r["accuracy"] for r in group.rewards) / len(group.rewards)
+    return sum(r.get("accuracy", 0.0) for r in group.rewards) / len(group.rewards)
 
 
 def make_train_samples(groups: Sequence[Group], estimator: str) -> list[TrainSample]:

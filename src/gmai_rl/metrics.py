@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gmai_rl.types import Group
+from gmai_rl.types import REWARD_FAILED, Group
 
 
 class StageTimer:
@@ -77,6 +77,7 @@ def step_metrics(step: int, record: StepRecord) -> dict[str, Any]:
         "reward_std": float(totals.std()) if len(totals) > 1 else 0.0,
         "accuracy": sum(r.get("accuracy", 0.0) for r in all_rewards) / len(all_rewards),
         "format_rate": sum(r.get("format", 0.0) for r in all_rewards) / len(all_rewards),
+        "reward_failures": int(sum(r.get(REWARD_FAILED, 0.0) for r in all_rewards)),
         "groups_generated": stats.generated_groups,
         "groups_trained": len(groups),
         "groups_filtered_too_easy": stats.dropped_too_easy,

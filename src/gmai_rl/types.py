@@ -90,6 +90,12 @@ class Group:
     """One breakdown per completion, each with at least "total"; filled by the reward stage."""
 
 
+REWARD_FAILED = "reward_failed"
+"""The key (1.0) of the breakdown a completion gets when the reward function raised on it or
+returned something unusable: {"total": 0.0, "reward_failed": 1.0}, counted in the step's
+`reward_failures`."""
+
+
 @dataclass
 class TrainSample:
     """One completion as the learner sees it: a policy-gradient (or SFT) target."""

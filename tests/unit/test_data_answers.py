@@ -96,3 +96,19 @@ def test_lowercase_article_is_not_read_as_a_stated_letter() -> None:
         None,
         "I think the answer is a glioma.",
     )
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "<think>Hmm.</think><answer>A</answer><answer>B</answer>",
+        "It is a glioma. <answer>B</answer> or rather <answer>C</answer>",
+    ],
+)
+def test_a_response_with_two_different_final_answers_is_refused(response: str) -> None:
+    with pytest.raises(AnswerError, match="several answers"):
+        split_response(response)
+
+
+def test_a_repeated_final_answer_is_one_answer() -> None:
+    assert split_response("<think>R</think><answer>B</answer> <answer>B</answer>")[1] == "B"

@@ -289,6 +289,102 @@ def test_bad_record_raises_naming_file_line_and_reason(
     assert isinstance(raised.value, ValueError)
 
 
+# ---------------------------------------------------------------------------------------------
+# Images: decoded to the last pixel at load, so a bad one stops the load naming its record, not
+# a rollout worker in the middle of a step.
+
+
+def truncated_png(path: Path) -> Path:
+    """The first half of a valid PNG: its header reads, its pixels do not."""
+    whole = path.with_name("whole.png")
+    Image.effect_noise((64, 64), 40).save(whole)  # noise: the compressed data fills the file
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return path
+
+
+def test_a_truncated_image_stops_the_load_at_its_record(folder: Path) -> None:
+    truncated_png(folder / "cut.png")
+    records = [gmai(MRI_QUESTION, "B", id=f"q{i}") for i in range(5)]
+    path = write_jsonl(folder / "data.jsonl", *records, gmai(MRI_QUESTION, "B", image="cut.png"))
+    with pytest.raises(DataError) as raised:
+        load_mcq_jsonl(path)
+    assert (raised.value.location, raised.value.reason) == (f"{path}:6", "unreadable_image")
+    assert "cut.png" in raised.value.detail and "truncated" in raised.value.detail
+
+
+def test_a_corrupt_image_body_is_unreadable(folder: Path) -> None:
+    whole = draw_png(folder / "ok.png", (32, 32))
+    data = bytearray(whole.read_bytes())
+    data[60:80] = bytes(20)  # inside the image data: the header still parses
+    (folder / "corrupt.png").write_bytes(bytes(data))
+    item = gmai(MRI_QUESTION, "B", image="corrupt.png")
+    with pytest.raises(DataError, match="unreadable_image: PIL cannot decode"):
+        load_one(folder, item)
+
+
+@pytest.mark.parametrize("times_the_limit", [1.5, 3.0])  # PIL warns at 1x and refuses at 2x
+def test_an_image_over_the_decompression_bomb_limit_is_refused_before_decoding(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, times_the_limit: float
+) -> None:
+    draw_png(folder / "huge.png", (100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(100 * 100 / times_the_limit))
+    with pytest.raises(DataError) as raised:
+        load_one(folder, gmai(MRI_QUESTION, "B", image="huge.png"))
+    assert raised.value.reason == "image_too_large"
+    assert "huge.png" in raised.value.detail
+
+
+def test_sixteen_bit_and_float_images_are_refused_with_the_reason(folder: Path) -> None:
+    Image.new("I;16", (8, 8), 3000).save(folder / "ct16.png")
+    Image.new("F", (8, 8), 0.5).save(folder / "float.tiff")
+    for name, words in (("ct16.png", "16-bit greyscale"), ("float.tiff", "32-bit float")):
+        with pytest.raises(DataError) as raised:
+            load_one(folder, gmai(MRI_QUESTION, "B", image=name))
+        assert raised.value.reason == "unsupported_image_mode"
+        assert words in raised.value.detail and "8-bit" in raised.value.detail
+
+
+def test_palette_greyscale_and_rgba_images_load(folder: Path) -> None:
+    for mode in ("1", "P", "LA", "RGBA", "CMYK"):
+        Image.new(mode, (8, 8)).save(folder / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+        image = f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        assert load_one(folder, gmai(MRI_QUESTION, "B", image=image)).answer == "B"
+
+
+@pytest.mark.parametrize("ref", ["../img.png", "sub/../../img.png", "file://../img.png"])
+def test_a_relative_path_may_not_leave_the_image_root(folder: Path, ref: str) -> None:
+    (folder / "data").mkdir()
+    with pytest.raises(DataError, match=r"bad_image_reference: .*leaves the image root"):
+        load_mcq_jsonl(write_jsonl(folder / "data" / "d.jsonl", gmai(MRI_QUESTION, "B", image=ref)))
+
+
+def test_a_relative_path_that_stays_inside_the_root_loads(folder: Path) -> None:
+    item = load_one(folder, gmai(MRI_QUESTION, "B", image="sub/../img.png"))
+    assert item.images == (str(folder / "img.png"),)
+
+
+def test_bad_images_beyond_the_check_window_are_reported_in_file_order(folder: Path) -> None:
+    # More records than the decoding pool looks ahead, two bad images far apart: the first one
+    # in the file is the error, and skipping counts both.
+    truncated_png(folder / "cut.png")
+    records: list[object] = [gmai(MRI_QUESTION, "B", id=f"q{i}") for i in range(1500)]
+    records[1200] = gmai(MRI_QUESTION, "B", id="late", image="missing.png")
+    records[700] = gmai(MRI_QUESTION, "B", id="early", image="cut.png")
+    path = write_jsonl(folder / "data.jsonl", *records)
+    with pytest.raises(DataError) as raised:
+        load_mcq_jsonl(path)
+    assert raised.value.location == f"{path}:701"
+    items, report = load_mcq_jsonl_with_report(path, on_error="skip")
+    assert len(items) == 1498 and [item.id for item in items][699:701] == ["q699", "q701"]
+    assert report.skipped == {"unreadable_image": 1, "missing_image": 1}
+
+
+def test_a_gpt_turn_with_two_answers_is_a_bad_record(folder: Path) -> None:
+    reply = "<think>Mass effect.</think><answer>B</answer><answer>C</answer>"
+    with pytest.raises(DataError, match=r"bad_answer: the answer turn: .*several answers"):
+        load_one(folder, gmai(MRI_QUESTION, reply))
+
+
 def test_data_error_survives_pickling() -> None:
     # Ray ships exceptions between processes by pickling them.
     error = DataError("d.jsonl:3", "no_options", "no lettered option list")

@@ -1,11 +1,17 @@
 """The reward worker: default MCQ rule, user functions by dotted path, validation of results."""
 
+import logging
 import math
 
 import pytest
 
-from gmai_rl.reward.worker import RewardWorker, check_breakdown, resolve_reward_fn
-from gmai_rl.types import MCQItem
+from gmai_rl.reward.worker import (
+    LOGGED_FAILURES,
+    RewardWorker,
+    check_breakdown,
+    resolve_reward_fn,
+)
+from gmai_rl.types import REWARD_FAILED, MCQItem
 
 ITEM = MCQItem("q1", "Where is the lesion?", {"A": "Left", "B": "Right"}, "B")
 
@@ -44,3 +50,38 @@ def test_bad_reward_paths_are_named(path):
 def test_bad_breakdowns_are_rejected(bad):
     with pytest.raises(ValueError, match="my_fn"):
         check_breakdown(bad, "my_fn")
+
+
+# ------------------------------------------------------------------ faults in a user's reward
+
+
+def picky_reward(completion: str, item: MCQItem) -> dict[str, float]:
+    """Raises on "boom", returns NaN on "nan", scores the rest by length."""
+    if completion == "boom":
+        raise KeyError("no such finding")
+    return {"total": math.nan if completion == "nan" else float(len(completion))}
+
+
+def test_a_reward_that_fails_on_some_completions_scores_them_zero_and_marks_them(caplog):
+    worker = RewardWorker(reward_fn=f"{__name__}:picky_reward")
+    with caplog.at_level(logging.WARNING, "gmai_rl.reward.worker"):
+        got = worker.score([("ab", ITEM), ("boom", ITEM), ("nan", ITEM), ("abc", ITEM)])
+    assert got == [
+        {"total": 2.0},
+        {"total": 0.0, REWARD_FAILED: 1.0},
+        {"total": 0.0, REWARD_FAILED: 1.0},
+        {"total": 3.0},
+    ]
+    first, second = caplog.records
+    assert "failed on item q1" in first.getMessage() and "KeyError" in first.exc_text
+    assert "non-finite" in second.exc_text
+
+
+def test_only_the_first_failures_are_logged_and_every_one_is_counted(caplog):
+    worker = RewardWorker(reward_fn=f"{__name__}:picky_reward")
+    with caplog.at_level(logging.WARNING, "gmai_rl.reward.worker"):
+        got = worker.score([("boom", ITEM)] * (LOGGED_FAILURES + 4))
+    assert all(r[REWARD_FAILED] == 1.0 for r in got)
+    assert worker.failures == LOGGED_FAILURES + 4
+    assert len(caplog.records) == LOGGED_FAILURES
+    assert "further failures are counted, not logged" in caplog.records[-1].getMessage()

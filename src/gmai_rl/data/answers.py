@@ -11,7 +11,8 @@ and any of these wrapped in "$...$", "\\boxed{...}", "\\text{...}", "<answer>...
 or prefixed by "Answer:" / "Option" / "The answer is".
 
 Accepted response shapes (`split_response`):
-- "<think>R</think>\\n<answer>B</answer>" or "R <answer>B</answer>": reasoning R, answer B;
+- "<think>R</think>\\n<answer>B</answer>" or "R <answer>B</answer>": reasoning R, answer B
+  (<answer> blocks inside <think> are reasoning; two different ones after it are refused);
 - "<think>R</think> B": reasoning R, answer B;
 - "R ... The answer is B." / "R ... Answer: B" / "R ... \\boxed{B}": the last such statement is the
   answer and the reasoning is the text before the sentence that holds it;
@@ -92,6 +93,11 @@ def split_response(response: str) -> tuple[str | None, str]:
     text = response.strip()
     tags = list(_ANSWER_TAG.finditer(text))
     if tags:
+        # Blocks inside the reasoning are thoughts; after it, the response must commit to one.
+        think_end = text.rfind("</think>")
+        final = {tag[1].strip() for tag in tags if tag.start() > think_end}
+        if len(final) > 1:
+            raise AnswerError(f"the response gives several answers: {sorted(final)}")
         return _reasoning(text[: tags[-1].start()]), tags[-1][1].strip()
     if "</think>" in text:
         before, _, after = text.rpartition("</think>")

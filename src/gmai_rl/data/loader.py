@@ -2,9 +2,10 @@
 
 `load_mcq_jsonl` reads the record formats described in `gmai_rl.data.records` (GMAI-Reasoning10K
 conversations, MM-EUREKA chat messages, the project's plain form), detected per record, and
-checks each record: JSON, fields and types, options, answer among the options, images present
-and readable by PIL (header only: fast, but pixel data truncated mid-file goes unnoticed), and ids
-unique within the load. A record without an `id` gets "<file stem>-<line>".
+checks each record: JSON, fields and types, options, answer among the options, images present,
+inside the image root when referenced by a relative path, and decodable by PIL to the last pixel
+(`image_problem`: truncated or corrupt files, non-images, decompression bombs, 16-bit and float
+modes are refused), and ids unique within the load. A record without an `id` gets "<file stem>-<line>".
 
 Failures raise `DataError` naming the file, the 1-based line and the reason. With
 `on_error="skip"` bad records are skipped instead, counted by reason in a `LoadReport` and logged
@@ -24,16 +25,20 @@ import logging
 import os
 import re
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from gmai_rl.data.records import (
     DUPLICATE_ID,
+    IMAGE_TOO_LARGE,
     INVALID_JSON,
     MISSING_IMAGE,
     UNREADABLE_IMAGE,
+    UNSUPPORTED_IMAGE_MODE,
     RecordError,
     parse_record,
 )
@@ -337,66 +342,134 @@ def _collect(
     report: LoadReport,
     on_record: Callable[[], None] | None = None,
 ) -> list[MCQItem]:
+    """Parse and check every record, in order. Images are decoded by a thread pool a bounded
+    window of records ahead of the one being finished (PIL's decoders release the GIL), so a
+    large dataset's check runs on every core while errors still come in file order."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     items: list[MCQItem] = []
     first_seen: dict[str, str] = {}  # id -> location
-    image_problems: dict[str, RecordError | None] = {}  # many questions share an image
-    for raw in _counted(raws, on_record):
+    checks: dict[str, Future[RecordError | None]] = {}  # many questions share an image
+    window: deque[tuple[_RawRecord, MCQItem | RecordError]] = deque()
+
+    def finish(raw: _RawRecord, parsed: MCQItem | RecordError) -> None:
         try:
-            if raw.problem is not None:
-                raise raw.problem
-            item = parse_record(
-                raw.record, default_id=raw.default_id, source=raw.source, image_root=image_root
-            )
-            if item.id in first_seen:
+            if isinstance(parsed, RecordError):
+                raise parsed
+            if parsed.id in first_seen:
                 raise RecordError(
-                    DUPLICATE_ID, f"id {item.id!r} is also used at {first_seen[item.id]}"
+                    DUPLICATE_ID, f"id {parsed.id!r} is also used at {first_seen[parsed.id]}"
                 )
-            if check_images:
-                for image in item.images:
-                    if image not in image_problems:
-                        image_problems[image] = _image_problem(image)
-                    if (problem := image_problems[image]) is not None:
-                        raise problem
+            for image in parsed.images if check_images else ():
+                if (problem := checks[image].result()) is not None:
+                    raise problem
         except RecordError as error:
             data_error = DataError(raw.location, error.reason, error.detail)
             if on_error == "raise":
                 raise data_error from None
             report.add_skip(data_error)
-            continue
-        first_seen[item.id] = raw.location
-        items.append(item)
+        else:
+            first_seen[parsed.id] = raw.location
+            items.append(parsed)
+        if on_record is not None:
+            on_record()
+
+    with ThreadPoolExecutor(_IMAGE_CHECK_THREADS, thread_name_prefix="image-check") as pool:
+        try:
+            for raw in raws:
+                parsed = _parse(raw, image_root)
+                if check_images and isinstance(parsed, MCQItem):
+                    for image in parsed.images:
+                        if image not in checks:
+                            checks[image] = pool.submit(image_problem, image)
+                window.append((raw, parsed))
+                if len(window) > _IMAGE_CHECK_WINDOW:
+                    finish(*window.popleft())
+            while window:
+                finish(*window.popleft())
+        finally:
+            pool.shutdown(cancel_futures=True)  # a raised error leaves checks queued
     report.loaded = len(items)
     if report.skipped_total:
         logger.warning("%s", report.summary())
     return items
 
 
-def _counted(
-    raws: Iterable[_RawRecord], on_record: Callable[[], None] | None
-) -> Iterator[_RawRecord]:
-    """`raws`, calling `on_record` as each one's processing ends (when the next is asked for)."""
-    for raw in raws:
-        yield raw
-        if on_record is not None:
-            on_record()
+def _parse(raw: _RawRecord, image_root: str) -> MCQItem | RecordError:
+    if raw.problem is not None:
+        return raw.problem
+    try:
+        return parse_record(
+            raw.record, default_id=raw.default_id, source=raw.source, image_root=image_root
+        )
+    except RecordError as error:
+        return error
 
 
-def _image_problem(path: str) -> RecordError | None:
-    """Why the image at `path` cannot be used, or None. Reads the header only."""
+def image_problem(path: str) -> RecordError | None:
+    """Why the image at `path` cannot be used, or None.
+
+    Every pixel is decoded: a file cut short mid-way has a valid header, and would otherwise pass
+    here and fail inside a rollout worker's step. An image larger than PIL's decompression-bomb
+    limit (`PIL.Image.MAX_IMAGE_PIXELS`, ~89M pixels: PIL warns above it and refuses twice it) is
+    refused before decoding; so are modes that do not become RGB faithfully (the model's
+    processor converts every image to 8-bit RGB, which clips 16-bit and float pixels above 255).
+    """
     from PIL import Image
 
     if not os.path.exists(path):
         return RecordError(MISSING_IMAGE, f"image not found: {path}")
     try:
         with warnings.catch_warnings():
-            # Large whole-slide crops trip PIL's bomb *warning*; they are still readable.
+            # Between the limit and twice it PIL only warns; the size check below refuses both.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height = image.size
+                if (problem := _pixels_problem(path, image.size, image.mode)) is not None:
+                    return problem
+                image.load()
+    except Image.DecompressionBombError as error:
+        return RecordError(IMAGE_TOO_LARGE, f"{path}: {error}")
     except Exception as error:  # PIL raises many types for unreadable files
-        return RecordError(UNREADABLE_IMAGE, f"PIL cannot read {path}: {error}")
+        return RecordError(UNREADABLE_IMAGE, f"PIL cannot decode {path}: {error}")
+    return None
+
+
+def _pixels_problem(path: str, size: tuple[int, int], mode: str) -> RecordError | None:
+    from PIL import Image
+
+    width, height = size
     if width <= 0 or height <= 0:
         return RecordError(UNREADABLE_IMAGE, f"image has no pixels: {path}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        return RecordError(
+            IMAGE_TOO_LARGE,
+            f"{path} is {width} x {height} = {width * height:,} pixels, over PIL's "
+            f"decompression-bomb limit of {limit:,}: downscale it (the model sees at most its "
+            "processor's max_pixels anyway)",
+        )
+    if mode not in RGB_CONVERTIBLE_MODES:
+        return RecordError(
+            UNSUPPORTED_IMAGE_MODE,
+            f"{path} has PIL mode {mode!r} ({_MODE_HINTS.get(mode, 'not convertible to RGB')}); "
+            "the model takes 8-bit images: window or rescale it to 8-bit greyscale or RGB first",
+        )
     return None
+
+
+RGB_CONVERTIBLE_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+"""PIL modes whose `convert("RGB")` keeps the picture (8 bits per channel or fewer)."""
+
+_MODE_HINTS = {
+    "I;16": "16-bit greyscale: converting to RGB clips every value above 255",
+    "I;16B": "16-bit greyscale: converting to RGB clips every value above 255",
+    "I;16L": "16-bit greyscale: converting to RGB clips every value above 255",
+    "I": "32-bit integer: converting to RGB clips every value above 255",
+    "F": "32-bit float: converting to RGB clips and truncates the values",
+}
+
+_IMAGE_CHECK_THREADS = min(8, os.cpu_count() or 1)
+_IMAGE_CHECK_WINDOW = 64 * _IMAGE_CHECK_THREADS
+"""Records parsed ahead of the one being finished: the images being decoded meanwhile."""

@@ -42,7 +42,8 @@ Three record formats are accepted, detected per record by their keys:
 Images: a string or a list; relative paths resolve against `image_root`, absolute paths and
 `file://` URIs are honoured, `~` is expanded; remote URLs are rejected (download them first).
 Paths are made absolute without resolving symlinks, because a Hugging Face snapshot's files are
-symlinks into a blob store whose names carry neither the folder structure nor the extension.
+symlinks into a blob store whose names carry neither the folder structure nor the extension. A
+relative path that climbs out of `image_root` ("../x.png" past its top) is refused.
 
 Every rejection raises `RecordError` with a short machine-readable reason (the constants below)
 and a human-readable detail; the loaders add the file and line.
@@ -92,6 +93,8 @@ CONFLICTING_FIELDS = "conflicting_fields"
 BAD_IMAGE_REFERENCE = "bad_image_reference"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
+IMAGE_TOO_LARGE = "image_too_large"
+UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
 DUPLICATE_ID = "duplicate_id"
 
 
@@ -182,7 +185,19 @@ def resolve_image_path(ref: str, image_root: str) -> str:
     else:
         path = ref
     path = os.path.expanduser(path)
-    return os.path.normpath(os.path.join(image_root, path))  # join keeps an absolute `path`
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    resolved = os.path.normpath(os.path.join(image_root, path))
+    # A relative reference stays in the dataset: "../../home/x/.ssh/id_rsa.png" in a downloaded
+    # record must not read a file the dataset does not hold. (Checked on the names, before any
+    # symlink: a hub snapshot's files are symlinks into its blob store, outside the folder.)
+    if os.path.commonpath([resolved, os.path.normpath(image_root)]) != os.path.normpath(image_root):
+        raise RecordError(
+            BAD_IMAGE_REFERENCE,
+            f"image {ref[:80]!r} leaves the image root {image_root}; a relative path must stay "
+            "inside it (an absolute path is taken as given)",
+        )
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +371,10 @@ def _answer_and_reasoning(
     reasoning = None
     from_response = None
     if response is not None:
-        reasoning, answer_text = split_response(response)
+        try:
+            reasoning, answer_text = split_response(response)
+        except AnswerError as error:
+            raise RecordError(BAD_ANSWER, f"the answer turn: {error}") from None
         if not answer_text:
             raise RecordError(NO_ANSWER, "the answer turn holds reasoning but no answer")
         from_response = _resolve(answer_text, options, "the answer turn")
