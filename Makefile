@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
+.PHONY: install test test-slow test-faults test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+# Faults injected into a running trainer on a local Ray cluster (a rollout worker SIGKILLed...).
+# Bad data and reward faults are unit tests of the default run.
+test-faults: install
+	$(PY) -m pytest -m faults
 
 # Training as users launch it: `ray start --head` on this machine (its own ports and temporary
 # folder, stopped at the end), jobs through launch/submit.sh, a hydra multirun, a run killed with

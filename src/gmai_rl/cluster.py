@@ -35,9 +35,10 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,6 +130,24 @@ def contiguous_shares(items: Sequence[T], parts: int) -> list[list[T]]:
     empty; worker i takes slice i, so concatenating the results keeps the input order."""
     size = math.ceil(len(items) / parts)
     return [list(items[i * size : (i + 1) * size]) for i in range(parts)]
+
+
+@dataclass
+class RestartLimit:
+    """At most `max_restarts` replacements within any `window_s` seconds: a worker that dies
+    again and again (a bad node, an input that crashes the engine) stops the run instead."""
+
+    max_restarts: int
+    window_s: float
+    times: list[float] = field(default_factory=list)
+
+    def allow(self, now: float) -> bool:
+        """Count a replacement at `now` if the window has room for it."""
+        self.times = [t for t in self.times if now - t < self.window_s]
+        if len(self.times) >= self.max_restarts:
+            return False
+        self.times.append(now)
+        return True
 
 
 # ------------------------------------------------------------------------ resources (pure)
@@ -394,6 +413,16 @@ class Cluster:
         """The parameters training changes: after the first push, the only ones that travel."""
         self.frozen_pushed = False
         self.timeout_s = cfg.cluster.call_timeout_s
+        self.plan = plan_bundles(cfg.cluster)
+        self.version = 0
+        """The rollout workers' policy version: weight pushes loaded (`sync_weights`)."""
+        self.sync_generation = 0
+        """Formations of the weight-sync group: one more each time it is re-formed."""
+        self.restart_limit = RestartLimit(
+            cfg.cluster.max_rollout_restarts, cfg.cluster.restart_window_s
+        )
+        self.rollout_restarts = 0
+        """Rollout workers replaced since the start."""
         # Colocated vLLM engines give their GPU memory back while the learners train.
         self.rollouts_sleep = (
             cfg.cluster.colocate
@@ -436,31 +465,16 @@ class Cluster:
         """Start the reward workers, learner ranks and rollout workers and wait for each one's
         constructor (model loading, DeepSpeed init); returns the sync group's host and port."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from gmai_rl.learner.worker import Learner
         from gmai_rl.reward.worker import RewardWorker
-        from gmai_rl.rollout.worker import RolloutWorker
 
-        cfg, timeout = self.cfg, self.cfg.cluster.start_timeout_s
-        runtime_env = {"env_vars": actor_env(cfg, os.environ)}
-
-        def in_bundle(index: int, resources: dict[str, float]) -> dict[str, Any]:
-            return {
-                "num_cpus": resources.get("CPU", 0),
-                "num_gpus": resources.get("GPU", 0),
-                "runtime_env": runtime_env,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=index
-                ),
-            }
-
+        cfg = self.cfg
+        runtime_env = self._runtime_env()
+        in_bundle = self._in_bundle
         # The learner group's rendezvous and the weight-sync group's store both live on learner
         # rank 0's node: a probe task in its bundle finds the node's address and two free ports.
-        probe = ray.remote(_node_address).options(**in_bundle(plan.learner_bundles[0], {"CPU": 0}))
-        ((master_addr, master_port, sync_port),) = _await_start(
-            "start", [("probe", probe.remote())], timeout
-        )
+        master_addr, master_port, sync_port = self._probe_learner_node()
         world = cfg.cluster.learner_ranks
 
         def start_learners() -> list[Any]:
@@ -480,19 +494,7 @@ class Cluster:
             ]
 
         def start_rollouts() -> list[Any]:
-            rollout_cls = ray.remote(RolloutWorker)
-            return [
-                rollout_cls.options(**in_bundle(b, plan.rollout_resources)).remote(
-                    cfg.rollout.backend,
-                    cfg.model,
-                    device=rollout_device(cfg),
-                    torch_threads=cfg.rollout.torch_threads,
-                    max_batch_prompts=cfg.rollout.max_batch_prompts,
-                    seed=cfg.trainer.seed + 1000 * (i + 1),
-                    engine_kwargs=_engine_kwargs(cfg),
-                )
-                for i, b in enumerate(plan.rollout_bundles)
-            ]
+            return [self._start_rollout(i) for i in range(len(plan.rollout_bundles))]
 
         reward_cls = ray.remote(RewardWorker)
         self.rewards = [
@@ -518,6 +520,56 @@ class Cluster:
         self._await_pings(self.rollouts, "rollout worker")
         return master_addr, sync_port
 
+    def _runtime_env(self) -> dict[str, Any]:
+        return {"env_vars": actor_env(self.cfg, os.environ)}
+
+    def _in_bundle(self, index: int, resources: dict[str, float]) -> dict[str, Any]:
+        """Ray options placing an actor or task in bundle `index` of the run's group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {
+            "num_cpus": resources.get("CPU", 0),
+            "num_gpus": resources.get("GPU", 0),
+            "runtime_env": self._runtime_env(),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=index
+            ),
+        }
+
+    def _probe_learner_node(self) -> tuple[str, int, int]:
+        """Learner rank 0's node address and two ports free there now (a task in its bundle)."""
+        import ray
+
+        probe = ray.remote(_node_address).options(
+            **self._in_bundle(self.plan.learner_bundles[0], {"CPU": 0})
+        )
+        ((address, port_a, port_b),) = _await_start(
+            "start", [("probe", probe.remote())], self.cfg.cluster.start_timeout_s
+        )
+        return address, port_a, port_b
+
+    def _start_rollout(self, i: int) -> Any:
+        """Rollout worker `i` in its bundle. A replacement samples from a seed of its own."""
+        import ray
+
+        from gmai_rl.rollout.worker import RolloutWorker
+
+        cfg = self.cfg
+        options = self._in_bundle(self.plan.rollout_bundles[i], self.plan.rollout_resources)
+        return (
+            ray.remote(RolloutWorker)
+            .options(**options)
+            .remote(
+                cfg.rollout.backend,
+                cfg.model,
+                device=rollout_device(cfg),
+                torch_threads=cfg.rollout.torch_threads,
+                max_batch_prompts=cfg.rollout.max_batch_prompts,
+                seed=cfg.trainer.seed + 1000 * (i + 1) + 1_000_000 * self.sync_generation,
+                engine_kwargs=_engine_kwargs(cfg),
+            )
+        )
+
     def _await_pings(self, actors: list[Any], kind: str) -> None:
         """Wait for the actors' constructors (at most cluster.start_timeout_s)."""
         calls = self._calls(actors, kind, "ping")
@@ -534,16 +586,21 @@ class Cluster:
         )
         offsets, sync_world = sync_ranks(members)
         backend, sync_timeout = sync_backend(cfg.cluster), cfg.sync.timeout_s
+        generation = self.sync_generation
         joins = [
             (
                 "learner rank 0",
-                learners[0].join_sync_group.remote(host, port, sync_world, backend, sync_timeout),
+                learners[0].join_sync_group.remote(
+                    host, port, sync_world, backend, sync_timeout, generation
+                ),
             )
         ]
         joins += [
             (
                 f"rollout worker {i}",
-                r.join_sync_group.remote(host, port, offset, sync_world, backend, sync_timeout),
+                r.join_sync_group.remote(
+                    host, port, offset, sync_world, backend, sync_timeout, generation
+                ),
             )
             for i, (r, offset) in enumerate(zip(rollouts, offsets, strict=True))
         ]
@@ -575,12 +632,23 @@ class Cluster:
         """n completions per prompt, one Group per prompt in order; prompts are spread evenly
         over the rollout workers."""
         shares = contiguous_shares(prompts, len(self.rollouts))
-        calls = [
-            (f"rollout worker {i}", worker.generate.remote(share, n, sampling))
-            for i, (worker, share) in enumerate(zip(self.rollouts, shares, strict=True))
-            if share
-        ]
-        return [group for groups in self._await("generate", calls) for group in groups]
+        results: dict[int, list[Group]] = {}
+        todo = [i for i, share in enumerate(shares) if share]
+        while todo:
+            calls = [
+                (f"rollout worker {i}", self.rollouts[i].generate.remote(shares[i], n, sampling))
+                for i in todo
+            ]
+            outcomes = _await_outcomes("generate", calls, self.timeout_s)
+            results.update(
+                (i, out) for i, out in zip(todo, outcomes, strict=True) if not _died(out)
+            )
+            # A dead worker's prompts go to its replacement: none lost, none generated twice.
+            dead = {i: out for i, out in zip(todo, outcomes, strict=True) if _died(out)}
+            if dead:
+                self.replace_rollouts(dead, "generate")
+            todo = sorted(dead)
+        return [group for i in sorted(results) for group in results[i]]
 
     def score(self, groups: Sequence[Group], items: Sequence[MCQItem]) -> None:
         """Fill each group's per-completion reward breakdowns (in place); completions are spread
@@ -597,6 +665,52 @@ class Cluster:
         breakdowns = iter(b for chunk in self._await("score", calls) for b in chunk)
         for g in groups:
             g.rewards = [next(breakdowns) for _ in g.completions]
+
+    def replace_rollouts(self, dead: Mapping[int, ActorDiedError], stage: str) -> None:
+        """Replace the rollout workers that died: a new actor in each one's bundle, the
+        weight-sync group re-formed by every member (a group cannot take a new one), the
+        current weights pushed whole and checked, the policy version kept.
+
+        Raises the death as `ActorDiedError` when the restart limit is spent.
+        """
+        import ray
+
+        for died in dead.values():
+            if not self.restart_limit.allow(time.monotonic()):
+                limit = self.restart_limit
+                raise ActorDiedError(
+                    f"{died}; {len(limit.times)} rollout worker replacement(s) within "
+                    f"{limit.window_s:g} s already (cluster.max_rollout_restarts="
+                    f"{limit.max_restarts}, cluster.restart_window_s): stopping rather than "
+                    "restarting in a loop"
+                ) from died
+            log.warning("%s; replacing it", died)
+        started = time.monotonic()
+        self.sync_generation += 1
+        for i in dead:
+            ray.kill(self.rollouts[i], no_restart=True)  # dead already, or as good as
+            self.rollouts[i] = self._start_rollout(i)
+        self._await_pings([self.rollouts[i] for i in dead], "replacement rollout worker")
+        host, _, port = self._probe_learner_node()
+        self._join_sync_group(host, port)
+        version = self.version
+        self.frozen_pushed = False  # a new engine holds the model path's weights
+        self._push_weights(verify=True)  # the weights of `version` again, to every member
+        self._await(
+            f"{stage}: replacing rollout workers",
+            self._calls(self.rollouts, "rollout worker", "set_policy_version", version),
+        )
+        self.version = version
+        self.rollout_restarts += len(dead)
+        log.warning(
+            "%s: replaced rollout worker(s) %s in %.1f s (sync group generation %d, policy "
+            "version %d, weights verified)",
+            stage,
+            sorted(dead),
+            time.monotonic() - started,
+            self.sync_generation,
+            version,
+        )
 
     def start_stage(self, optim: OptimOptions, reset_reference: bool = False) -> None:
         """Begin a training stage (SFT or RL) on every learner rank: its LR schedule and, with
@@ -639,16 +753,21 @@ class Cluster:
         All sends and receives are launched before any is awaited: each blocks on the others.
         With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
         """
+        versions = {r["version"] for r in self._push_weights(verify)}
+        if len(versions) != 1:
+            raise RuntimeError(
+                f"rollout workers disagree on the policy version: {sorted(versions)}"
+            )
+        self.version = versions.pop()
+        return self.version
+
+    def _push_weights(self, verify: bool) -> list[dict[str, Any]]:
+        """One push (`push_plan`) to every rollout worker; what each one reported."""
         plan, in_flight = self.push_plan(), self.cfg.sync.max_buckets_in_flight
         pushes = self._calls(self.learners, "learner rank", "push_weights", plan, verify, in_flight)
         receipts = self._calls(self.rollouts, "rollout worker", "receive_weights", plan, verify)
         results = self._await("weight sync", pushes + receipts)
         sent, received = results[0], results[len(pushes) :]
-        versions = {r["version"] for r in received}
-        if len(versions) != 1:
-            raise RuntimeError(
-                f"rollout workers disagree on the policy version: {sorted(versions)}"
-            )
         if verify:
             for i, r in enumerate(received):
                 bad = [
@@ -661,7 +780,7 @@ class Cluster:
                         f"rollout worker {i}: weights differ from the learner's: {bad[:5]}"
                     )
         self.frozen_pushed = True
-        return versions.pop()
+        return received
 
     def sleep_rollouts(self) -> None:
         """Colocated vLLM engines release their GPU memory for training (a no-op otherwise)."""
@@ -714,6 +833,7 @@ class Cluster:
         )
         if self.policy_version() != policy_version:
             raise RuntimeError(f"resumed workers are not at policy version {policy_version}")
+        self.version = policy_version
 
     def save(self, path: str) -> None:
         """Write the policy as an HF checkpoint (every rank takes part; rank 0 writes)."""
@@ -781,6 +901,16 @@ def _free_resources() -> str:
 
 def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
     """The results of `calls`, in order, waiting at most `timeout_s` for all of them."""
+    outcomes = _await_outcomes(stage, calls, timeout_s)
+    for outcome in outcomes:
+        if _died(outcome):
+            raise outcome
+    return outcomes
+
+
+def _await_outcomes(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
+    """`_await`, but a call whose actor died (or whose engine broke for good, as if dead) gives
+    an `ActorDiedError` in its place instead of raising: the caller may replace the actor."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -792,19 +922,29 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
             f"{stage}: no answer from {', '.join(late)} within {timeout_s:g} s (a stalled or "
             "unschedulable actor; see cluster.call_timeout_s / cluster.start_timeout_s)"
         )
-    results = []
+    outcomes: list[Any] = []
     for name, ref in calls:
         try:
-            results.append(ray.get(ref))
+            outcomes.append(ray.get(ref))
         except RayActorError as err:
-            raise ActorDiedError(f"{stage}: {name} died: {err}") from err
+            outcomes.append(_death(f"{stage}: {name} died: {err}", err))
         except EngineBrokenError as err:  # alive, but its engine is gone for good: as if dead
             cause = getattr(err, "cause", err)  # Ray's wrapper holds the actor's own exception
-            raise ActorDiedError(f"{stage}: {name} must be replaced: {cause}") from err
+            outcomes.append(_death(f"{stage}: {name} must be replaced: {cause}", err))
         except Exception as err:
             err.add_note(f"(raised by {name} during {stage})")
             raise
-    return results
+    return outcomes
+
+
+def _death(message: str, cause: BaseException) -> ActorDiedError:
+    died = ActorDiedError(message)
+    died.__cause__ = cause
+    return died
+
+
+def _died(outcome: Any) -> bool:
+    return isinstance(outcome, ActorDiedError)
 
 
 def rollout_device(cfg: TrainConfig) -> str:

@@ -300,6 +300,13 @@ class ClusterConfig:
     call_timeout_s: float = 1800.0
     """Longest wait for one stage's remote calls (generate, score, train, weight sync, save);
     exceeded, the run stops naming the stage and the actors that did not answer."""
+    max_rollout_restarts: int = 3
+    """A rollout worker that dies while generating is replaced in its bundle, the weight-sync
+    group re-formed with it, the current weights pushed and checked, and its prompts generated
+    again; more than this many replacements within restart_window_s stop the run (a crash
+    loop). 0: a dead rollout worker stops the run."""
+    restart_window_s: float = 3600.0
+    """The window max_rollout_restarts counts in."""
 
 
 @dataclass
@@ -415,6 +422,8 @@ def validate(cfg: TrainConfig) -> None:
     errors += _gpu_errors(cfg)
     if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
         errors.append("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
+    if cfg.cluster.max_rollout_restarts < 0 or cfg.cluster.restart_window_s <= 0:
+        errors.append("cluster.max_rollout_restarts must be >= 0, cluster.restart_window_s > 0")
     if cfg.sync.max_buckets_in_flight < 1:
         errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):

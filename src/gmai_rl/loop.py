@@ -277,6 +277,7 @@ def save_checkpoint(cluster: Cluster, cfg: TrainConfig, state: DriverState) -> P
 def rl_step(cluster: Cluster, sampler: ItemSampler[MCQItem], cfg: TrainConfig) -> StepRecord:
     """One GRPO step: collect a filtered batch of scored groups, train on it, push the weights."""
     timer = StageTimer()
+    restarts_before = cluster.rollout_restarts
     groups, stats = collect_groups(
         rollout_fn(cluster, cfg, timer), sampler, cfg.algo.prompts_per_step, cfg.algo
     )
@@ -287,7 +288,8 @@ def rl_step(cluster: Cluster, sampler: ItemSampler[MCQItem], cfg: TrainConfig) -
     with timer("sync"):
         cluster.wake_rollouts()
         version = cluster.sync_weights(cfg.sync.verify)
-    return StepRecord(groups, stats, train_metrics, version, timer)
+    restarts = cluster.rollout_restarts - restarts_before
+    return StepRecord(groups, stats, train_metrics, version, timer, restarts)
 
 
 RolloutFn = Callable[[list[MCQItem]], list[Group]]

@@ -61,6 +61,8 @@ class StepRecord:
     policy_version: int
     """The rollout workers' policy version after this step's weight sync."""
     timer: StageTimer
+    rollout_restarts: int = 0
+    """Rollout workers replaced during this step (each one's prompts generated again)."""
 
 
 def step_metrics(step: int, record: StepRecord) -> dict[str, Any]:
@@ -95,6 +97,7 @@ def step_metrics(step: int, record: StepRecord) -> dict[str, Any]:
         "staleness_max": max(record.policy_version - 1 - g.policy_version for g in groups),
         **record.train_metrics,
         "policy_version": record.policy_version,
+        "rollout_restarts": record.rollout_restarts,
         **{f"time_{k}_s": v for k, v in seconds.items()},
         "generate_tokens_per_s": generated / max(seconds.get("generate", 0.0), 1e-9),
     }

@@ -267,6 +267,49 @@ def test_a_destroyed_group_refuses_work_and_a_new_one_forms() -> None:
         again.broadcast(torch.ones(3))
 
 
+def test_a_member_sent_to_another_generation_of_the_group_is_refused() -> None:
+    # Re-forming the group around a replaced worker makes a new generation: a member holding
+    # an older one must fail with the reason, not join the new group.
+    port = find_free_port()
+    errors: dict[int, BaseException] = {}
+
+    def join(rank: int, generation: int) -> None:
+        try:
+            init_sync_group(HOST, port, rank, 2, timeout_s=TIMEOUT_S, generation=generation)
+        except SyncGroupError as err:
+            errors[rank] = err
+
+    stale = threading.Thread(target=join, args=(1, 4), daemon=True)
+    stale.start()
+    join(0, 5)
+    stale.join(timeout=30)
+    assert "is generation 5, this member was sent to join generation 4" in str(errors[1])
+    assert 0 in errors  # rank 0 waited for a member that never connected, and said so
+
+
+def test_members_of_the_same_generation_form_the_group() -> None:
+    port = find_free_port()
+    groups: dict[int, Any] = {}
+
+    def join(rank: int) -> None:
+        groups[rank] = init_sync_group(HOST, port, rank, 2, timeout_s=TIMEOUT_S, generation=7)
+
+    peer = threading.Thread(target=join, args=(1,), daemon=True)
+    peer.start()
+    join(0)
+    peer.join(timeout=30)
+    try:
+        received = torch.zeros(3)
+        sender = threading.Thread(target=groups[0].broadcast, args=(torch.ones(3),))
+        sender.start()
+        groups[1].broadcast(received)
+        sender.join(timeout=30)
+        assert received.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        for group in groups.values():
+            group.destroy()
+
+
 # --- ZeRO-3: two DeepSpeed learner ranks gather, rank 0 broadcasts to a receiver ------------------
 
 

@@ -3,7 +3,13 @@ the config without Ray."""
 
 import pytest
 
-from gmai_rl.cluster import Cluster, contiguous_shares, plan_bundles, sync_backend
+from gmai_rl.cluster import (
+    Cluster,
+    RestartLimit,
+    contiguous_shares,
+    plan_bundles,
+    sync_backend,
+)
 from gmai_rl.config import ClusterConfig
 from support import train_config
 
@@ -89,3 +95,12 @@ def test_engines_that_drop_their_weights_in_sleep_get_every_push_whole():
     cluster = Cluster(train_config(*sleeping), [], [], [], None, ["full"])
     cluster.trainable_plan, cluster.frozen_pushed = ["trainable"], True
     assert cluster.push_plan() == ["full"]
+
+
+def test_the_restart_limit_counts_replacements_within_a_sliding_window():
+    limit = RestartLimit(max_restarts=2, window_s=100.0)
+    assert limit.allow(0.0) and limit.allow(10.0)
+    assert not limit.allow(50.0)  # a third within 100 s of the first two
+    assert limit.allow(100.5)  # the first has left the window
+    assert not limit.allow(105.0)
+    assert not RestartLimit(max_restarts=0, window_s=1.0).allow(0.0)

@@ -126,6 +126,7 @@ class FakeCluster:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.version = 7
+        self.rollout_restarts = 0
 
     def generate(self, prompts, n, sampling):
         self.calls.append("generate")

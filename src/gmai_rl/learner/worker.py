@@ -419,12 +419,23 @@ class Learner:
         return plan_buckets(param_specs(named, wire_dtype), max_bucket_bytes)
 
     def join_sync_group(
-        self, host: str, port: int, world_size: int, backend: str, timeout_s: float
+        self,
+        host: str,
+        port: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        generation: int = 0,
     ) -> None:
-        """Rank 0 joins the sync group as its group rank 0 (the sender)."""
+        """Rank 0 joins the sync group as its group rank 0 (the sender), leaving the one it was
+        in (a group re-formed around a replaced rollout worker is a new group)."""
         if self.rank != 0:
             raise RuntimeError(f"only learner rank 0 joins the sync group, not rank {self.rank}")
-        self.sync_group = init_sync_group(host, port, 0, world_size, backend, timeout_s)
+        if self.sync_group is not None:
+            self.sync_group.destroy()
+        self.sync_group = init_sync_group(
+            host, port, 0, world_size, backend, timeout_s, generation=generation
+        )
 
     def push_weights(
         self,

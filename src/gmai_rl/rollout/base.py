@@ -58,9 +58,17 @@ class SyncingEngine(Protocol):
         ...
 
     def join_sync_group(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        generation: int = 0,
     ) -> None:
-        """Join as ranks rank .. rank + sync_members() - 1; blocks until the group is complete."""
+        """Join as ranks rank .. rank + sync_members() - 1, leaving any earlier group; blocks
+        until the group is complete (`init_sync_group`'s `generation`)."""
         ...
 
     def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:

@@ -115,11 +115,20 @@ class VLLMEngine:
         return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
 
     def join_sync_group(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        generation: int = 0,
     ) -> None:
-        """Every vLLM worker joins the learner's sync group as ranks rank .. rank+members-1."""
+        """Every vLLM worker joins the learner's sync group as ranks rank .. rank+members-1
+        (leaving the one it was in)."""
         self.llm.collective_rpc(
-            "gmai_join_sync_group", args=(host, port, rank, world_size, backend, timeout_s)
+            "gmai_join_sync_group",
+            args=(host, port, rank, world_size, backend, timeout_s, generation),
         )
 
     def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:

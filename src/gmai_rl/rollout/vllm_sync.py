@@ -186,6 +186,7 @@ class WeightSyncExtension:
         world_size: int,
         backend: str,
         timeout_s: float,
+        generation: int = 0,
     ) -> int:
         """Join the learner's sync group as rank `rank_offset + vLLM world rank`; returns it.
 
@@ -194,7 +195,9 @@ class WeightSyncExtension:
         """
         self.gmai_leave_sync_group()
         rank = rank_offset + _vllm_world_rank()
-        self._gmai_group = init_sync_group(host, port, rank, world_size, backend, timeout_s)
+        self._gmai_group = init_sync_group(
+            host, port, rank, world_size, backend, timeout_s, generation=generation
+        )
         return rank
 
     def gmai_receive_weights(self, wire_plan: WirePlan, verify: bool = False) -> dict[str, Any]:

@@ -114,15 +114,33 @@ class RolloutWorker:
         return 1
 
     def join_sync_group(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        generation: int = 0,
     ) -> None:
-        """Join as ranks rank .. rank + sync_members() - 1 (blocks until the group is whole)."""
+        """Join as ranks rank .. rank + sync_members() - 1 (blocks until the group is whole),
+        leaving the group this worker was in (`init_sync_group`'s `generation`)."""
         if isinstance(self.engine, SyncingEngine):
-            self.engine.join_sync_group(host, port, rank, world_size, backend, timeout_s)
+            self.engine.join_sync_group(
+                host, port, rank, world_size, backend, timeout_s, generation
+            )
             self.group = None
             self._engine_synced = True
             return
-        self.group = init_sync_group(host, port, rank, world_size, backend, timeout_s)
+        if self.group is not None:
+            self.group.destroy()
+        self.group = init_sync_group(
+            host, port, rank, world_size, backend, timeout_s, generation=generation
+        )
+
+    def set_policy_version(self, version: int) -> None:
+        """After a re-formed group's push of unchanged weights: the version they are."""
+        self.engine.policy_version = version
 
     def receive_weights(self, plan: Sequence[Bucket], verify: bool = False) -> dict[str, Any]:
         """Take one push from learner rank 0; returns the new version (and checksums if verify).

@@ -217,6 +217,7 @@ def init_sync_group(
     backend: str = "gloo",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     device: torch.device | str | None = None,
+    generation: int = 0,
 ) -> SyncGroup:
     """Join (rank 0: host) the sync group. Collective: blocks until all `world_size` ranks join.
 
@@ -232,6 +233,10 @@ def init_sync_group(
         timeout_s: bound on the rendezvous and on each collective (see the module docstring).
         device: where collectives' tensors live. Default: CPU for gloo, the current CUDA
             device for NCCL (set it before calling, as DeepSpeed and vLLM do).
+        generation: which formation of the group this is. A group cannot take a new member, so
+            replacing a dead one means every member forms a new group; rank 0 publishes the
+            generation in its store and a member of another one (a stale worker given an old
+            address) is refused instead of joining.
 
     Returns:
         The live group. It has already exchanged one tensor, so the connection works end to end.
@@ -258,6 +263,7 @@ def init_sync_group(
         store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
     except (RuntimeError, TimeoutError) as err:
         raise SyncGroupError(f"could not form the store of {where}: {err}") from err
+    _check_generation(store, rank, generation, where)
     try:
         pg = _new_backend(backend, store, rank, world_size, timeout)
     except RuntimeError as err:
@@ -270,6 +276,24 @@ def init_sync_group(
     # broken link here, while every member is in this call, than inside the first weight push.
     group.broadcast(torch.zeros(1, device=group.device), src=0)
     return group
+
+
+_GENERATION_KEY = "gmai_rl/generation"
+
+
+def _check_generation(store: TCPStore, rank: int, generation: int, where: str) -> None:
+    if rank == 0:
+        store.set(_GENERATION_KEY, str(generation))
+        return
+    try:
+        published = store.get(_GENERATION_KEY).decode()
+    except (RuntimeError, TimeoutError) as err:
+        raise SyncGroupError(f"no generation published on {where}: {err}") from err
+    if published != str(generation):
+        raise SyncGroupError(
+            f"{where} is generation {published}, this member was sent to join generation "
+            f"{generation}: a stale member may not join"
+        )
 
 
 def _wait_for_listener(host: str, port: int, timeout_s: float) -> None:
