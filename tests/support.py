@@ -8,6 +8,7 @@ the test rewards by dotted path.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +77,26 @@ def length_reward(completion: str, item: Any) -> dict[str, float]:
 
 LENGTH_REWARD = "support:length_reward"
 """The dotted path of `length_reward` for `reward.fn=`."""
+
+FAULTS_DIR_ENV = "GMAI_RL_TEST_FAULTS_DIR"
+
+
+def length_reward_with_faults(completion: str, item: Any) -> dict[str, float]:
+    """`length_reward`, and faults on request: a file "die" (or "hang") in $GMAI_RL_TEST_FAULTS_DIR
+    makes the first reward worker to claim it (an atomic rename) exit at once (or hang)."""
+    folder = os.environ.get(FAULTS_DIR_ENV)
+    for fault in ("die", "hang") if folder else ():
+        try:
+            os.rename(os.path.join(folder, fault), os.path.join(folder, f"{fault}.claimed"))
+        except FileNotFoundError:
+            continue
+        if fault == "die":
+            os._exit(1)
+        time.sleep(3600)
+    return length_reward(completion, item)
+
+
+FAULTY_REWARD = "support:length_reward_with_faults"
 
 
 # ------------------------------------------------------------------ memory of an autograd pass

@@ -49,7 +49,7 @@ from gmai_rl.learner.rank_metrics import combine_rank_metrics, combine_sft_metri
 from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
-from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams, TrainSample
+from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams, TrainSample, failed_reward
 
 log = logging.getLogger(__name__)
 
@@ -418,11 +418,11 @@ class Cluster:
         """The rollout workers' policy version: weight pushes loaded (`sync_weights`)."""
         self.sync_generation = 0
         """Formations of the weight-sync group: one more each time it is re-formed."""
-        self.restart_limit = RestartLimit(
-            cfg.cluster.max_rollout_restarts, cfg.cluster.restart_window_s
-        )
+        self.restart_limit = RestartLimit(cfg.cluster.max_restarts, cfg.cluster.restart_window_s)
         self.rollout_restarts = 0
         """Rollout workers replaced since the start."""
+        self.reward_restarts = 0
+        """Reward workers replaced since the start."""
         # Colocated vLLM engines give their GPU memory back while the learners train.
         self.rollouts_sleep = (
             cfg.cluster.colocate
@@ -467,10 +467,8 @@ class Cluster:
         import ray
 
         from gmai_rl.learner.worker import Learner
-        from gmai_rl.reward.worker import RewardWorker
 
         cfg = self.cfg
-        runtime_env = self._runtime_env()
         in_bundle = self._in_bundle
         # The learner group's rendezvous and the weight-sync group's store both live on learner
         # rank 0's node: a probe task in its bundle finds the node's address and two free ports.
@@ -496,13 +494,7 @@ class Cluster:
         def start_rollouts() -> list[Any]:
             return [self._start_rollout(i) for i in range(len(plan.rollout_bundles))]
 
-        reward_cls = ray.remote(RewardWorker)
-        self.rewards = [
-            reward_cls.options(num_cpus=REWARD_WORKER_CPUS, runtime_env=runtime_env).remote(
-                cfg.reward.fn, cfg.reward.format_weight
-            )
-            for _ in range(cfg.reward.num_workers)
-        ]
+        self.rewards = [self._start_reward() for _ in range(cfg.reward.num_workers)]
         # The reward workers answer first: they start in seconds while the others load the
         # model, so a bad reward.fn stops the start at once.
         if self.rollouts_sleep:
@@ -568,6 +560,19 @@ class Cluster:
                 seed=cfg.trainer.seed + 1000 * (i + 1) + 1_000_000 * self.sync_generation,
                 engine_kwargs=_engine_kwargs(cfg),
             )
+        )
+
+    def _start_reward(self) -> Any:
+        """A reward worker, outside the placement group (REWARD_WORKER_CPUS)."""
+        import ray
+
+        from gmai_rl.reward.worker import RewardWorker
+
+        options = {"num_cpus": REWARD_WORKER_CPUS, "runtime_env": self._runtime_env()}
+        return (
+            ray.remote(RewardWorker)
+            .options(**options)
+            .remote(self.cfg.reward.fn, self.cfg.reward.format_weight)
         )
 
     def _await_pings(self, actors: list[Any], kind: str) -> None:
@@ -652,19 +657,56 @@ class Cluster:
 
     def score(self, groups: Sequence[Group], items: Sequence[MCQItem]) -> None:
         """Fill each group's per-completion reward breakdowns (in place); completions are spread
-        evenly over the reward workers."""
+        evenly over the reward workers.
+
+        A worker that dies is replaced and its batch scored again. One that does not answer
+        within `reward.timeout_s` (a reward function that hangs) is replaced, and its batch's
+        completions count as failed: scoring them again would likely hang again.
+        """
         pairs = [
             (c.text, item) for g, item in zip(groups, items, strict=True) for c in g.completions
         ]
         shares = contiguous_shares(pairs, len(self.rewards))
-        calls = [
-            (f"reward worker {i}", worker.score.remote(share))
-            for i, (worker, share) in enumerate(zip(self.rewards, shares, strict=True))
-            if share
-        ]
-        breakdowns = iter(b for chunk in self._await("score", calls) for b in chunk)
+        results: dict[int, list[dict[str, float]]] = {}
+        todo = [i for i, share in enumerate(shares) if share]
+        while todo:
+            calls = [(f"reward worker {i}", self.rewards[i].score.remote(shares[i])) for i in todo]
+            outcomes = _await_outcomes("score", calls, self.cfg.reward.timeout_s, stalls=True)
+            retry = []
+            for i, outcome in zip(todo, outcomes, strict=True):
+                if isinstance(outcome, StageTimeoutError):
+                    self._replace_reward(i, outcome)
+                    results[i] = [failed_reward(timed_out=True) for _ in shares[i]]
+                elif _died(outcome):
+                    self._replace_reward(i, outcome)
+                    retry.append(i)
+                else:
+                    results[i] = outcome
+            todo = retry
+        breakdowns = iter(b for i in sorted(results) for b in results[i])
         for g in groups:
             g.rewards = [next(breakdowns) for _ in g.completions]
+
+    def _replace_reward(self, i: int, fault: ClusterError) -> None:
+        """A new reward worker `i` for one that died or hung (within the restart limit)."""
+        import ray
+
+        self._count_restart(fault)
+        log.warning("%s; replacing it", fault)
+        ray.kill(self.rewards[i], no_restart=True)
+        self.rewards[i] = self._start_reward()
+        self._await_pings([self.rewards[i]], "replacement reward worker")
+        self.reward_restarts += 1
+
+    def _count_restart(self, fault: ClusterError) -> None:
+        """Count one replacement, or raise `fault` when the restart limit is spent."""
+        if not self.restart_limit.allow(time.monotonic()):
+            limit = self.restart_limit
+            raise type(fault)(
+                f"{fault}; {len(limit.times)} worker replacement(s) within "
+                f"{limit.window_s:g} s already (cluster.max_restarts={limit.max_restarts}, "
+                "cluster.restart_window_s): stopping rather than restarting in a loop"
+            ) from fault
 
     def replace_rollouts(self, dead: Mapping[int, ActorDiedError], stage: str) -> None:
         """Replace the rollout workers that died: a new actor in each one's bundle, the
@@ -676,14 +718,7 @@ class Cluster:
         import ray
 
         for died in dead.values():
-            if not self.restart_limit.allow(time.monotonic()):
-                limit = self.restart_limit
-                raise ActorDiedError(
-                    f"{died}; {len(limit.times)} rollout worker replacement(s) within "
-                    f"{limit.window_s:g} s already (cluster.max_rollout_restarts="
-                    f"{limit.max_restarts}, cluster.restart_window_s): stopping rather than "
-                    "restarting in a loop"
-                ) from died
+            self._count_restart(died)
             log.warning("%s; replacing it", died)
         started = time.monotonic()
         self.sync_generation += 1
@@ -908,15 +943,18 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
     return outcomes
 
 
-def _await_outcomes(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
+def _await_outcomes(
+    stage: str, calls: list[Call], timeout_s: float, stalls: bool = False
+) -> list[Any]:
     """`_await`, but a call whose actor died (or whose engine broke for good, as if dead) gives
-    an `ActorDiedError` in its place instead of raising: the caller may replace the actor."""
+    an `ActorDiedError` in its place instead of raising: the caller may replace the actor. With
+    `stalls`, a call still running after `timeout_s` gives a `StageTimeoutError` in its place."""
     import ray
     from ray.exceptions import RayActorError
 
     refs = [ref for _, ref in calls]
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
+    if pending and not stalls:
         late = [name for name, ref in calls if ref in pending]
         raise StageTimeoutError(
             f"{stage}: no answer from {', '.join(late)} within {timeout_s:g} s (a stalled or "
@@ -924,6 +962,11 @@ def _await_outcomes(stage: str, calls: list[Call], timeout_s: float) -> list[Any
         )
     outcomes: list[Any] = []
     for name, ref in calls:
+        if ref in pending:
+            outcomes.append(
+                StageTimeoutError(f"{stage}: no answer from {name} within {timeout_s:g} s")
+            )
+            continue
         try:
             outcomes.append(ray.get(ref))
         except RayActorError as err:

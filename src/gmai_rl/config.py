@@ -201,6 +201,10 @@ class RolloutConfig:
 class RewardConfig:
     fn: str | None = None
     """Dotted path of fn(completion, item) -> dict with "total"; null: the MCQ rule."""
+    timeout_s: float = 300.0
+    """Longest wait for one reward worker's batch of a rollout. A worker that takes longer (a
+    reward function that hangs) is replaced, and that batch's completions count as failed
+    (reward 0, `reward_failures`)."""
     format_weight: float = 0.5
     """total = accuracy + format_weight * format (MCQ rule)."""
     num_workers: int = 1
@@ -300,13 +304,15 @@ class ClusterConfig:
     call_timeout_s: float = 1800.0
     """Longest wait for one stage's remote calls (generate, score, train, weight sync, save);
     exceeded, the run stops naming the stage and the actors that did not answer."""
-    max_rollout_restarts: int = 3
-    """A rollout worker that dies while generating is replaced in its bundle, the weight-sync
-    group re-formed with it, the current weights pushed and checked, and its prompts generated
-    again; more than this many replacements within restart_window_s stop the run (a crash
-    loop). 0: a dead rollout worker stops the run."""
+    max_restarts: int = 3
+    """Worker replacements allowed within restart_window_s, rollout and reward workers together;
+    one more stops the run (a crash loop). A rollout worker that dies while generating is
+    replaced in its bundle, the weight-sync group re-formed with it, the current weights pushed
+    and checked, and its prompts generated again; a reward worker that dies is replaced and its
+    batch scored again, one that hangs past reward.timeout_s is replaced and its batch counted
+    as failed. 0: any death stops the run."""
     restart_window_s: float = 3600.0
-    """The window max_rollout_restarts counts in."""
+    """The window max_restarts counts in."""
 
 
 @dataclass
@@ -422,8 +428,10 @@ def validate(cfg: TrainConfig) -> None:
     errors += _gpu_errors(cfg)
     if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
         errors.append("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
-    if cfg.cluster.max_rollout_restarts < 0 or cfg.cluster.restart_window_s <= 0:
-        errors.append("cluster.max_rollout_restarts must be >= 0, cluster.restart_window_s > 0")
+    if cfg.cluster.max_restarts < 0 or cfg.cluster.restart_window_s <= 0:
+        errors.append("cluster.max_restarts must be >= 0, cluster.restart_window_s > 0")
+    if cfg.reward.timeout_s <= 0:
+        errors.append(f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")
     if cfg.sync.max_buckets_in_flight < 1:
         errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):

@@ -50,7 +50,14 @@ from gmai_rl.metrics import (
 from gmai_rl.plan import check, make_plan, render
 from gmai_rl.progress import Progress
 from gmai_rl.report import write_report
-from gmai_rl.types import REWARD_FAILED, Group, MCQItem, SamplingParams, TrainSample
+from gmai_rl.types import (
+    REWARD_FAILED,
+    REWARD_TIMED_OUT,
+    Group,
+    MCQItem,
+    SamplingParams,
+    TrainSample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +284,7 @@ def save_checkpoint(cluster: Cluster, cfg: TrainConfig, state: DriverState) -> P
 def rl_step(cluster: Cluster, sampler: ItemSampler[MCQItem], cfg: TrainConfig) -> StepRecord:
     """One GRPO step: collect a filtered batch of scored groups, train on it, push the weights."""
     timer = StageTimer()
-    restarts_before = cluster.rollout_restarts
+    restarts_before = cluster.rollout_restarts, cluster.reward_restarts
     groups, stats = collect_groups(
         rollout_fn(cluster, cfg, timer), sampler, cfg.algo.prompts_per_step, cfg.algo
     )
@@ -288,8 +295,9 @@ def rl_step(cluster: Cluster, sampler: ItemSampler[MCQItem], cfg: TrainConfig) -
     with timer("sync"):
         cluster.wake_rollouts()
         version = cluster.sync_weights(cfg.sync.verify)
-    restarts = cluster.rollout_restarts - restarts_before
-    return StepRecord(groups, stats, train_metrics, version, timer, restarts)
+    rollouts = cluster.rollout_restarts - restarts_before[0]
+    rewards = cluster.reward_restarts - restarts_before[1]
+    return StepRecord(groups, stats, train_metrics, version, timer, rollouts, rewards)
 
 
 RolloutFn = Callable[[list[MCQItem]], list[Group]]
@@ -351,9 +359,11 @@ def collect_groups(
 
 
 def check_some_rewards_scored(groups: Sequence[Group], reward_fn: str | None) -> None:
-    """A failed completion is one sample's fault; every completion failing is the function's."""
+    """A failed completion is one sample's fault; the function raising on every completion is
+    the function's (a batch cut by reward.timeout_s is a fault of that batch, not proof)."""
     rewards = [r for g in groups for r in g.rewards]
-    if rewards and all(r.get(REWARD_FAILED) for r in rewards):
+    raised = [bool(r.get(REWARD_FAILED)) and not r.get(REWARD_TIMED_OUT) for r in rewards]
+    if rewards and all(raised):
         raise RuntimeError(
             f"the reward function ({reward_fn or 'mcq_reward'}) failed on all {len(rewards)} "
             "completions of this rollout: the reward workers' log lines show the first "

@@ -63,6 +63,8 @@ class StepRecord:
     timer: StageTimer
     rollout_restarts: int = 0
     """Rollout workers replaced during this step (each one's prompts generated again)."""
+    reward_restarts: int = 0
+    """Reward workers replaced during this step (dead: batch scored again; hung: failed)."""
 
 
 def step_metrics(step: int, record: StepRecord) -> dict[str, Any]:
@@ -98,6 +100,7 @@ def step_metrics(step: int, record: StepRecord) -> dict[str, Any]:
         **record.train_metrics,
         "policy_version": record.policy_version,
         "rollout_restarts": record.rollout_restarts,
+        "reward_restarts": record.reward_restarts,
         **{f"time_{k}_s": v for k, v in seconds.items()},
         "generate_tokens_per_s": generated / max(seconds.get("generate", 0.0), 1e-9),
     }

@@ -91,9 +91,19 @@ class Group:
 
 
 REWARD_FAILED = "reward_failed"
-"""The key (1.0) of the breakdown a completion gets when the reward function raised on it or
-returned something unusable: {"total": 0.0, "reward_failed": 1.0}, counted in the step's
+"""The key (1.0) of the breakdown a completion gets when the reward function raised on it,
+returned something unusable or did not answer in time: `failed_reward()`, counted in the step's
 `reward_failures`."""
+
+
+REWARD_TIMED_OUT = "reward_timed_out"
+"""Also set (1.0) when the completion's batch was cut by reward.timeout_s: a fault of the worker
+or of one input, not proof that the function is broken."""
+
+
+def failed_reward(timed_out: bool = False) -> dict[str, float]:
+    """The breakdown of a completion that could not be scored: no reward, marked as failed."""
+    return {"total": 0.0, REWARD_FAILED: 1.0, **({REWARD_TIMED_OUT: 1.0} if timed_out else {})}
 
 
 @dataclass

@@ -1,6 +1,12 @@
 """Faults injected into a running trainer on a local Ray cluster (the faults tier, `make
-test-faults`): a rollout worker's process is killed with SIGKILL, as a pre-emption or the
-kernel's OOM killer would, and the trainer replaces it without losing or repeating a prompt.
+test-faults`). One cluster for the module, faults in order, each followed by a full RL step:
+
+1. a rollout worker's process SIGKILLed (as a pre-emption or the kernel's OOM killer would):
+   replaced, its prompts generated again, none lost or repeated, the policy version kept;
+2. a reward worker's process exiting mid-batch: replaced, its batch scored again;
+3. a reward function that hangs: cut by `reward.timeout_s`, the worker replaced, its batch's
+   completions counted as failed;
+4. one death more than `cluster.max_restarts` (3) allows: the run stops, naming the limit.
 """
 
 import os
@@ -13,10 +19,39 @@ from gmai_rl.feed import ItemSampler, load_datasets
 from gmai_rl.loop import rl_step
 from gmai_rl.metrics import step_metrics
 from gmai_rl.sync.weights import checksums
-from support import LENGTH_REWARD, running_cluster
+from support import FAULTS_DIR_ENV, FAULTY_REWARD, running_cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(1200)]
 ray = pytest.importorskip("ray")
+
+REWARD_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="module")
+def faults_dir(tmp_path_factory):
+    """Where a test drops "die" / "hang" for the reward function (support.FAULTY_REWARD)."""
+    folder = tmp_path_factory.mktemp("faults")
+    os.environ[FAULTS_DIR_ENV] = str(folder)  # before Ray starts: its workers inherit it
+    yield folder
+    del os.environ[FAULTS_DIR_ENV]
+
+
+@pytest.fixture(scope="module")
+def trainer(small_config, tmp_path_factory, faults_dir):
+    cfg = small_config(
+        tmp_path_factory.mktemp("run"),
+        "cluster.rollout_workers=2",
+        "reward.num_workers=2",
+        f"reward.fn={FAULTY_REWARD}",  # length reward: a random model never answers in format
+        f"reward.timeout_s={REWARD_TIMEOUT_S}",
+        "algo.accuracy_filter=false",
+        "cluster.max_restarts=3",
+    )
+    with running_cluster(cfg) as cluster:
+        sampler = ItemSampler(load_datasets(cfg).train, seed=0)
+        first = rl_step(cluster, sampler, cfg)
+        assert step_metrics(0, first)["rollout_restarts"] == 0
+        yield cfg, cluster, sampler
 
 
 def kill_process_of(actor) -> int:
@@ -33,41 +68,57 @@ def next_prompts(sampler, k):
     return [item.id for item in twin.take(k)]
 
 
-def test_a_killed_rollout_worker_is_replaced_and_its_prompts_generated_again(
-    small_config, tmp_path
+def step_with_all_prompts(cfg, cluster, sampler):
+    """One RL step; checks that it trained on exactly the prompts the sampler drew, in order,
+    each with all its samples scored, and that every worker holds the learner's weights."""
+    expected = next_prompts(sampler, cfg.algo.prompts_per_step)
+    version = cluster.policy_version()
+    record = rl_step(cluster, sampler, cfg)
+    assert [g.prompt.id for g in record.groups] == expected
+    for g in record.groups:
+        assert len(g.completions) == len(g.rewards) == cfg.rollout.samples_per_prompt
+    assert {g.policy_version for g in record.groups} == {version}
+    # One push per step, as without a fault.
+    assert record.policy_version == version + 1 == cluster.policy_version()
+    learner = checksums(cluster.learner_weights().items())
+    assert cluster.rollout_checksums() == [learner] * len(cluster.rollouts)
+    return step_metrics(0, record)
+
+
+def test_a_killed_rollout_worker_is_replaced_and_its_prompts_generated_again(trainer):
+    cfg, cluster, sampler = trainer
+    replaced = cluster.rollouts[1]
+    kill_process_of(replaced)
+    metrics = step_with_all_prompts(cfg, cluster, sampler)
+    assert metrics["rollout_restarts"] == 1 and metrics["reward_restarts"] == 0
+    assert cluster.rollouts[1] is not replaced and cluster.sync_generation == 1
+
+
+def test_a_reward_worker_that_dies_mid_batch_is_replaced_and_the_batch_scored_again(
+    trainer, faults_dir
 ):
-    cfg = small_config(
-        tmp_path,
-        "cluster.rollout_workers=2",
-        f"reward.fn={LENGTH_REWARD}",  # a random model never answers in format
-        "algo.accuracy_filter=false",
-        "cluster.max_rollout_restarts=1",
-    )
-    with running_cluster(cfg) as cluster:
-        sampler = ItemSampler(load_datasets(cfg).train, seed=0)
-        first = rl_step(cluster, sampler, cfg)
-        assert first.rollout_restarts == 0
-        replaced = cluster.rollouts[1]
-        kill_process_of(replaced)
+    cfg, cluster, sampler = trainer
+    (faults_dir / "die").touch()
+    metrics = step_with_all_prompts(cfg, cluster, sampler)
+    assert (faults_dir / "die.claimed").exists()
+    assert metrics["reward_restarts"] == 1 and metrics["reward_failures"] == 0
 
-        expected = next_prompts(sampler, cfg.algo.prompts_per_step)
-        record = rl_step(cluster, sampler, cfg)
 
-        # Every prompt of the step once, in order; generated by the policy the step began with.
-        assert [g.prompt.id for g in record.groups] == expected
-        assert all(len(g.completions) == cfg.rollout.samples_per_prompt for g in record.groups)
-        assert {g.policy_version for g in record.groups} == {first.policy_version}
-        # One push per step, as without the fault; every worker holds the learner's weights.
-        assert record.policy_version == first.policy_version + 1 == cluster.policy_version()
-        learner = checksums(cluster.learner_weights().items())
-        assert cluster.rollout_checksums() == [learner, learner]
-        assert cluster.rollouts[1] is not replaced and cluster.sync_generation == 1
-        assert step_metrics(1, record)["rollout_restarts"] == 1
+def test_a_hanging_reward_function_is_cut_and_its_batch_counted_as_failed(trainer, faults_dir):
+    cfg, cluster, sampler = trainer
+    (faults_dir / "hang").touch()
+    metrics = step_with_all_prompts(cfg, cluster, sampler)
+    assert metrics["reward_restarts"] == 1
+    # One of the two workers' halves of the 4 x 4 completions: scored 0 and counted.
+    assert metrics["reward_failures"] == 8
+    assert metrics["time_reward_s"] >= REWARD_TIMEOUT_S
 
-        # The restart limit (1 within the window) is spent: the next death stops the run.
-        kill_process_of(cluster.rollouts[0])
-        with pytest.raises(ActorDiedError) as stopped:
-            rl_step(cluster, sampler, cfg)
-        message = str(stopped.value)
-        assert "generate: rollout worker 0 died" in message
-        assert "cluster.max_rollout_restarts=1" in message
+
+def test_a_death_past_the_restart_limit_stops_the_run_naming_it(trainer):
+    cfg, cluster, sampler = trainer  # three replacements so far: the limit
+    kill_process_of(cluster.rollouts[0])
+    with pytest.raises(ActorDiedError) as stopped:
+        rl_step(cluster, sampler, cfg)
+    message = str(stopped.value)
+    assert "generate: rollout worker 0 died" in message
+    assert "cluster.max_restarts=3" in message

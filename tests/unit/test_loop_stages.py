@@ -15,7 +15,7 @@ from gmai_rl.loop import (
     rl_step,
 )
 from gmai_rl.metrics import CollectStats, StageTimer, StepRecord, progress_line, step_metrics
-from gmai_rl.types import REWARD_FAILED, Completion, Group, MCQItem, Prompt
+from gmai_rl.types import REWARD_FAILED, Completion, Group, MCQItem, Prompt, failed_reward
 from support import train_config
 
 
@@ -126,7 +126,7 @@ class FakeCluster:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.version = 7
-        self.rollout_restarts = 0
+        self.rollout_restarts = self.reward_restarts = 0
 
     def generate(self, prompts, n, sampling):
         self.calls.append("generate")
@@ -174,13 +174,14 @@ class FailingRewardCluster(FakeCluster):
     def __init__(self, failed) -> None:
         super().__init__()
         self.failed = failed
+        self.timed_out = False
 
     def score(self, groups, items):
         super().score(groups, items)
         for i, g in enumerate(groups):
             for k in range(len(g.completions)):
                 if self.failed(i, k):
-                    g.rewards[k] = {"total": 0.0, REWARD_FAILED: 1.0}
+                    g.rewards[k] = failed_reward(timed_out=self.timed_out)
 
 
 def test_completions_the_reward_failed_on_train_as_zero_reward_and_are_counted():
@@ -200,6 +201,16 @@ def test_a_rollout_where_every_reward_failed_stops_the_step_naming_the_function(
     with pytest.raises(RuntimeError, match=r"\(my_pkg:broken\) failed on all 24 completions"):
         rl_step(cluster, ItemSampler([item(i) for i in range(10)], seed=0), cfg)
     assert "train" not in cluster.calls
+
+
+def test_a_rollout_whose_rewards_all_timed_out_trains_on_zero_rewards_and_goes_on():
+    # A hung batch (cut by reward.timeout_s) is a fault of that batch, not a broken function.
+    cfg = train_config("algo.prompts_per_step=3")
+    cluster = FailingRewardCluster(failed=lambda i, k: True)
+    cluster.timed_out = True
+    record = rl_step(cluster, ItemSampler([item(i) for i in range(10)], seed=0), cfg)
+    assert step_metrics(0, record)["reward_failures"] == 24
+    assert all(s.advantage == 0.0 for s in cluster.trained)
 
 
 def test_the_accuracy_filter_counts_a_failed_completion_as_wrong():

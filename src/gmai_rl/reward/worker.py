@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from gmai_rl.reward.mcq import mcq_reward
-from gmai_rl.types import REWARD_FAILED, MCQItem
+from gmai_rl.types import MCQItem, failed_reward
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,6 @@ def check_breakdown(breakdown: object, source: str) -> dict[str, float]:
     return out
 
 
-def failed_breakdown() -> dict[str, float]:
-    return {"total": 0.0, REWARD_FAILED: 1.0}
-
-
 class RewardWorker:
     def __init__(self, reward_fn: str | None = None, format_weight: float = 0.5) -> None:
         self.source = reward_fn or "mcq_reward"
@@ -101,4 +97,4 @@ class RewardWorker:
                     else "",
                     exc_info=True,
                 )
-            return failed_breakdown()
+            return failed_reward()
