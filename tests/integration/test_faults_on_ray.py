@@ -6,25 +6,31 @@ test-faults`). One cluster for the module, faults in order, each followed by a f
 2. a reward worker's process exiting mid-batch: replaced, its batch scored again;
 3. a reward function that hangs: cut by `reward.timeout_s`, the worker replaced, its batch's
    completions counted as failed;
-4. one death more than `cluster.max_restarts` (3) allows: the run stops, naming the limit.
+4. a stalled rollout worker (generate) or learner rank (train): the stage stops within
+   `cluster.call_timeout_s`, naming the stage and the actor (a stalled reward worker is case 3);
+5. one death more than `cluster.max_restarts` (3) allows: the run stops, naming the limit.
 """
 
 import os
 import signal
+import time
 
 import pytest
 
-from gmai_rl.cluster import ActorDiedError
+from gmai_rl.cluster import ActorDiedError, StageTimeoutError
 from gmai_rl.feed import ItemSampler, load_datasets
-from gmai_rl.loop import rl_step
-from gmai_rl.metrics import step_metrics
+from gmai_rl.loop import make_train_samples, rl_step, rollout_fn
+from gmai_rl.metrics import StageTimer, step_metrics
 from gmai_rl.sync.weights import checksums
+from gmai_rl.types import SamplingParams
 from support import FAULTS_DIR_ENV, FAULTY_REWARD, running_cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(1200)]
 ray = pytest.importorskip("ray")
 
 REWARD_TIMEOUT_S = 15
+CALL_TIMEOUT_S = 5  # cluster.call_timeout_s while a stall is injected
+STALL_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,39 @@ def test_a_hanging_reward_function_is_cut_and_its_batch_counted_as_failed(traine
     # One of the two workers' halves of the 4 x 4 completions: scored 0 and counted.
     assert metrics["reward_failures"] == 8
     assert metrics["time_reward_s"] >= REWARD_TIMEOUT_S
+
+
+def stall(actor, seconds):
+    """Keep the actor busy for `seconds` (an actor runs one call at a time): a stalled worker."""
+    return actor.__ray_call__.remote(lambda self: time.sleep(seconds))
+
+
+@pytest.mark.parametrize("stage", ["generate", "train"])
+def test_a_stalled_stage_stops_within_the_call_timeout_naming_stage_and_actor(trainer, stage):
+    cfg, cluster, sampler = trainer
+    items = sampler.take(cfg.algo.prompts_per_step)
+    groups = rollout_fn(cluster, cfg, StageTimer())(items)
+    actor, name = (
+        (cluster.rollouts[1], "rollout worker 1")
+        if stage == "generate"
+        else (cluster.learners[1], "learner rank 1")
+    )
+    busy = stall(actor, STALL_S)
+    cluster.timeout_s = CALL_TIMEOUT_S
+    started = time.monotonic()
+    try:
+        with pytest.raises(StageTimeoutError) as stopped:
+            if stage == "generate":
+                cluster.generate([g.prompt for g in groups], 2, SamplingParams(max_new_tokens=4))
+            else:
+                cluster.train(make_train_samples(groups, "grpo"), 1)
+        waited = time.monotonic() - started
+    finally:
+        cluster.timeout_s = cfg.cluster.call_timeout_s
+        ray.get(busy)  # the stall ends; the calls queued behind it then run to completion
+    assert f"{stage}: no answer from" in str(stopped.value) and name in str(stopped.value)
+    assert f"within {CALL_TIMEOUT_S:g} s" in str(stopped.value)
+    assert CALL_TIMEOUT_S <= waited < STALL_S  # bounded by the timeout, not by the stall
 
 
 def test_a_death_past_the_restart_limit_stops_the_run_naming_it(trainer):
