@@ -935,38 +935,68 @@ def _free_resources() -> str:
 
 
 def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
-    """The results of `calls`, in order, waiting at most `timeout_s` for all of them."""
-    outcomes = _await_outcomes(stage, calls, timeout_s)
-    for outcome in outcomes:
+    """The results of `calls`, in order, waiting at most `timeout_s` for all of them.
+
+    The first call to fail ends the wait at once: in a collective stage (train, weight sync,
+    save) the other actors would otherwise sit in a collective with a dead peer until their own
+    timeouts, and the driver with them.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    index = {ref: i for i, (_, ref) in enumerate(calls)}
+    results: dict[int, Any] = {}
+    pending = list(index)
+    while pending:
+        left = max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            _raise_timeout(stage, [calls[index[ref]][0] for ref in pending], timeout_s)
+        i = index[ready[0]]
+        (outcome,) = _gather(stage, [calls[i]])
         if _died(outcome):
             raise outcome
-    return outcomes
+        results[i] = outcome
+    return [results[i] for i in range(len(calls))]
 
 
 def _await_outcomes(
     stage: str, calls: list[Call], timeout_s: float, stalls: bool = False
 ) -> list[Any]:
-    """`_await`, but a call whose actor died (or whose engine broke for good, as if dead) gives
-    an `ActorDiedError` in its place instead of raising: the caller may replace the actor. With
-    `stalls`, a call still running after `timeout_s` gives a `StageTimeoutError` in its place."""
+    """All of `calls`' results, but a call whose actor died (or whose engine broke for good, as
+    if dead) gives an `ActorDiedError` in its place instead of raising: the caller may replace
+    the actor, and the others' results stand. With `stalls`, a call still running after
+    `timeout_s` gives a `StageTimeoutError` in its place."""
     import ray
-    from ray.exceptions import RayActorError
 
     refs = [ref for _, ref in calls]
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending and not stalls:
-        late = [name for name, ref in calls if ref in pending]
-        raise StageTimeoutError(
-            f"{stage}: no answer from {', '.join(late)} within {timeout_s:g} s (a stalled or "
-            "unschedulable actor; see cluster.call_timeout_s / cluster.start_timeout_s)"
-        )
+        _raise_timeout(stage, [name for name, ref in calls if ref in pending], timeout_s)
+    answered = iter(_gather(stage, [call for call in calls if call[1] not in pending]))
+    return [
+        StageTimeoutError(f"{stage}: no answer from {name} within {timeout_s:g} s")
+        if ref in pending
+        else next(answered)
+        for name, ref in calls
+    ]
+
+
+def _raise_timeout(stage: str, late: list[str], timeout_s: float) -> None:
+    raise StageTimeoutError(
+        f"{stage}: no answer from {', '.join(late)} within {timeout_s:g} s (a stalled or "
+        "unschedulable actor; see cluster.call_timeout_s / cluster.start_timeout_s)"
+    )
+
+
+def _gather(stage: str, calls: list[Call]) -> list[Any]:
+    """The finished `calls`' results; a dead actor's (or broken engine's) as `ActorDiedError`,
+    any other exception raised with a note naming the actor and stage."""
+    import ray
+    from ray.exceptions import RayActorError
+
     outcomes: list[Any] = []
     for name, ref in calls:
-        if ref in pending:
-            outcomes.append(
-                StageTimeoutError(f"{stage}: no answer from {name} within {timeout_s:g} s")
-            )
-            continue
         try:
             outcomes.append(ray.get(ref))
         except RayActorError as err:

@@ -8,7 +8,8 @@ test-faults`). One cluster for the module, faults in order, each followed by a f
    completions counted as failed;
 4. a stalled rollout worker (generate) or learner rank (train): the stage stops within
    `cluster.call_timeout_s`, naming the stage and the actor (a stalled reward worker is case 3);
-5. one death more than `cluster.max_restarts` (3) allows: the run stops, naming the limit.
+5. a learner rank killed: the training stage stops at once, naming it;
+6. one death more than `cluster.max_restarts` (3) allows: the run stops, naming the limit.
 """
 
 import os
@@ -151,6 +152,19 @@ def test_a_stalled_stage_stops_within_the_call_timeout_naming_stage_and_actor(tr
     assert f"{stage}: no answer from" in str(stopped.value) and name in str(stopped.value)
     assert f"within {CALL_TIMEOUT_S:g} s" in str(stopped.value)
     assert CALL_TIMEOUT_S <= waited < STALL_S  # bounded by the timeout, not by the stall
+
+
+def test_a_learner_rank_that_dies_in_training_stops_the_stage_at_once_naming_it(trainer):
+    # Rank 0 waits for rank 1 inside a collective and would until the process group's own
+    # timeout; the driver does not wait with it. (The run then resumes from its last
+    # checkpoint: tests/job/test_resume.py.)
+    cfg, cluster, sampler = trainer
+    groups = rollout_fn(cluster, cfg, StageTimer())(sampler.take(cfg.algo.prompts_per_step))
+    kill_process_of(cluster.learners[1])
+    started = time.monotonic()
+    with pytest.raises(ActorDiedError, match="train: learner rank 1 died"):
+        cluster.train(make_train_samples(groups, "grpo"), 1)
+    assert time.monotonic() - started < CALL_TIMEOUT_S  # far below cluster.call_timeout_s
 
 
 def test_a_death_past_the_restart_limit_stops_the_run_naming_it(trainer):
