@@ -952,11 +952,11 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
         ready, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not ready:
             _raise_timeout(stage, [calls[index[ref]][0] for ref in pending], timeout_s)
-        i = index[ready[0]]
-        (outcome,) = _gather(stage, [calls[i]])
-        if _died(outcome):
-            raise outcome
-        results[i] = outcome
+        for ref in ready:
+            (outcome,) = _gather(stage, [calls[index[ref]]])
+            if _died(outcome):
+                raise outcome
+            results[index[ref]] = outcome
     return [results[i] for i in range(len(calls))]
 
 
