@@ -442,7 +442,7 @@ class Cluster:
         _check_resources(cfg, plan)
         cluster = cls(cfg, [], [], [], _ready_placement_group(cfg, plan), [])
         try:
-            host, sync_port = cluster._start_actors(plan)
+            host, sync_port = cluster._start_actors()
             backend, sync_world = cluster._join_sync_group(host, sync_port)
         except BaseException:
             try:
@@ -461,15 +461,14 @@ class Cluster:
         )
         return cluster
 
-    def _start_actors(self, plan: BundlePlan) -> tuple[str, int]:
+    def _start_actors(self) -> tuple[str, int]:
         """Start the reward workers, learner ranks and rollout workers and wait for each one's
         constructor (model loading, DeepSpeed init); returns the sync group's host and port."""
         import ray
 
         from gmai_rl.learner.worker import Learner
 
-        cfg = self.cfg
-        in_bundle = self._in_bundle
+        cfg, plan = self.cfg, self.plan
         # The learner group's rendezvous and the weight-sync group's store both live on learner
         # rank 0's node: a probe task in its bundle finds the node's address and two free ports.
         master_addr, master_port, sync_port = self._probe_learner_node()
@@ -478,7 +477,7 @@ class Cluster:
         def start_learners() -> list[Any]:
             learner_cls = ray.remote(Learner)
             return [
-                learner_cls.options(**in_bundle(b, plan.learner_resources)).remote(
+                learner_cls.options(**self._in_bundle(b, plan.learner_resources)).remote(
                     cfg.model,
                     cfg.learner,
                     cfg.algo.loss,
