@@ -45,7 +45,11 @@ from typing import Any, TypeVar
 from gmai_rl.config import ClusterConfig, PlacementStrategy, TrainConfig
 from gmai_rl.learner.batching import plan_rank_batches, split_even
 from gmai_rl.learner.options import OptimOptions
-from gmai_rl.learner.rank_metrics import combine_rank_metrics, combine_sft_metrics
+from gmai_rl.learner.rank_metrics import (
+    check_step_decisions,
+    combine_rank_metrics,
+    combine_sft_metrics,
+)
 from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
@@ -321,6 +325,15 @@ class ActorDiedError(ClusterError):
     """An actor's process died (killed, out of memory, node lost) during a stage."""
 
 
+class RolloutsDiedError(ActorDiedError):
+    """Rollout workers died during a weight push; `dead` maps each one's index to its death.
+    The push's other members have left the broken collective by the time it is raised."""
+
+    def __init__(self, dead: Mapping[int, ActorDiedError]) -> None:
+        super().__init__("; ".join(str(death) for death in dead.values()))
+        self.dead = dict(dead)
+
+
 class InsufficientResourcesError(ClusterError):
     """The cluster cannot hold the run's placement group and actors."""
 
@@ -571,7 +584,13 @@ class Cluster:
         return (
             ray.remote(RewardWorker)
             .options(**options)
-            .remote(self.cfg.reward.fn, self.cfg.reward.format_weight)
+            .remote(
+                self.cfg.reward.fn,
+                self.cfg.reward.format_weight,
+                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                overlong_buffer=self.cfg.reward.overlong_buffer,
+                overlong_penalty=self.cfg.reward.overlong_penalty,
+            )
         )
 
     def _await_pings(self, actors: list[Any], kind: str) -> None:
@@ -663,7 +682,9 @@ class Cluster:
         completions count as failed: scoring them again would likely hang again.
         """
         pairs = [
-            (c.text, item) for g, item in zip(groups, items, strict=True) for c in g.completions
+            (c.text, item, len(c.token_ids))
+            for g, item in zip(groups, items, strict=True)
+            for c in g.completions
         ]
         shares = contiguous_shares(pairs, len(self.rewards))
         results: dict[int, list[dict[str, float]]] = {}
@@ -707,10 +728,13 @@ class Cluster:
                 "cluster.restart_window_s): stopping rather than restarting in a loop"
             ) from fault
 
-    def replace_rollouts(self, dead: Mapping[int, ActorDiedError], stage: str) -> None:
+    def replace_rollouts(
+        self, dead: Mapping[int, ActorDiedError], stage: str, version: int | None = None
+    ) -> None:
         """Replace the rollout workers that died: a new actor in each one's bundle, the
         weight-sync group re-formed by every member (a group cannot take a new one), the
-        current weights pushed whole and checked, the policy version kept.
+        learner's current weights pushed whole and checked, and every worker told their policy
+        version: `version`, or the one they already had (a death outside the weight sync).
 
         Raises the death as `ActorDiedError` when the restart limit is spent.
         """
@@ -727,7 +751,7 @@ class Cluster:
         self._await_pings([self.rollouts[i] for i in dead], "replacement rollout worker")
         host, _, port = self._probe_learner_node()
         self._join_sync_group(host, port)
-        version = self.version
+        version = self.version if version is None else version
         self.frozen_pushed = False  # a new engine holds the model path's weights
         self._push_weights(verify=True)  # the weights of `version` again, to every member
         self._await(
@@ -761,7 +785,7 @@ class Cluster:
             (f"learner rank {rank}", learner.train_rl.remote(plan))
             for rank, (learner, plan) in enumerate(zip(self.learners, plans, strict=True))
         ]
-        return combine_rank_metrics(self._await("train", calls))
+        return combine_rank_metrics(self._checked_steps("train", self._await("train", calls)))
 
     def train_sft(self, samples: Sequence[TrainSample]) -> dict[str, float]:
         """One SFT optimizer step on a batch split evenly over the ranks."""
@@ -771,7 +795,22 @@ class Cluster:
             (f"learner rank {rank}", learner.train_sft.remote(shard, num_tokens))
             for rank, (learner, shard) in enumerate(zip(self.learners, shards, strict=True))
         ]
-        return combine_sft_metrics(self._await("sft", calls))
+        return combine_sft_metrics(self._checked_steps("sft", self._await("sft", calls)))
+
+    def _checked_steps(self, stage: str, ranks: list[dict[str, float]]) -> list[dict[str, float]]:
+        """The ranks' results, once their step decisions agree and skips are within the limit
+        (`check_step_decisions`); a skipped step is logged."""
+        check_step_decisions(ranks, self.cfg.learner.max_skipped_steps)
+        if skipped := int(ranks[0].get("skipped_steps", 0.0)):
+            log.warning(
+                "%s: %d optimizer step(s) skipped on every learner rank: a NaN or Inf loss or "
+                "gradient (%d in a row; learner.max_skipped_steps=%d stops the run)",
+                stage,
+                skipped,
+                int(ranks[0].get("skipped_in_a_row_max", 0.0)),
+                self.cfg.learner.max_skipped_steps,
+            )
+        return ranks
 
     def push_plan(self) -> list[Bucket]:
         """What the next push carries: every parameter the first time (and whenever the engines
@@ -787,7 +826,13 @@ class Cluster:
         All sends and receives are launched before any is awaited: each blocks on the others.
         With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
         """
-        versions = {r["version"] for r in self._push_weights(verify)}
+        try:
+            received = self._push_weights(verify)
+        except RolloutsDiedError as died:
+            # The replacement's push carries the new weights to every member: the sync is done.
+            self.replace_rollouts(died.dead, "weight sync", version=self.version + 1)
+            return self.version
+        versions = {r["version"] for r in received}
         if len(versions) != 1:
             raise RuntimeError(
                 f"rollout workers disagree on the policy version: {sorted(versions)}"
@@ -796,11 +841,19 @@ class Cluster:
         return self.version
 
     def _push_weights(self, verify: bool) -> list[dict[str, Any]]:
-        """One push (`push_plan`) to every rollout worker; what each one reported."""
+        """One push (`push_plan`) to every rollout worker; what each one reported.
+
+        A learner rank's death ends the wait at once. A rollout worker's death breaks the
+        collective for every member: the others are waited for until they leave it (an error
+        from the broken group, or its `sync.timeout_s` deadline), then `RolloutsDiedError`
+        names the dead for replacement.
+        """
         plan, in_flight = self.push_plan(), self.cfg.sync.max_buckets_in_flight
         pushes = self._calls(self.learners, "learner rank", "push_weights", plan, verify, in_flight)
         receipts = self._calls(self.rollouts, "rollout worker", "receive_weights", plan, verify)
-        results = self._await("weight sync", pushes + receipts)
+        results = _await_collective(
+            "weight sync", pushes + receipts, self.timeout_s, replaceable=len(pushes)
+        )
         sent, received = results[0], results[len(pushes) :]
         if verify:
             for i, r in enumerate(received):
@@ -959,6 +1012,42 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
     return [results[i] for i in range(len(calls))]
 
 
+def _await_collective(
+    stage: str, calls: list[Call], timeout_s: float, replaceable: int
+) -> list[Any]:
+    """The results of a collective stage's `calls`, in order, waiting at most `timeout_s`.
+
+    Calls from index `replaceable` on are to actors that can be replaced. The death of any
+    other ends the wait at once. A replaceable actor's death breaks the collective for the
+    rest, whose failures follow from it: they are waited for (the group's own deadline ends
+    them), then `RolloutsDiedError` names the dead. Without a death, the first failure is
+    raised once every call has ended.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    index = {ref: i for i, (_, ref) in enumerate(calls)}
+    outcomes: dict[int, Any] = {}
+    pending = list(index)
+    while pending:
+        left = max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            _raise_timeout(stage, [calls[index[ref]][0] for ref in pending], timeout_s)
+        for ref in ready:
+            i = index[ref]
+            outcomes[i] = _outcome(stage, *calls[i])
+            if _died(outcomes[i]) and i < replaceable:
+                raise outcomes[i]
+    dead = {i - replaceable: o for i, o in outcomes.items() if _died(o)}
+    if dead:
+        raise RolloutsDiedError(dead)
+    for i in range(len(calls)):
+        if isinstance(outcomes[i], BaseException):
+            raise outcomes[i]
+    return [outcomes[i] for i in range(len(calls))]
+
+
 def _await_outcomes(
     stage: str, calls: list[Call], timeout_s: float, stalls: bool = False
 ) -> list[Any]:
@@ -991,22 +1080,29 @@ def _raise_timeout(stage: str, late: list[str], timeout_s: float) -> None:
 def _gather(stage: str, calls: list[Call]) -> list[Any]:
     """The finished `calls`' results; a dead actor's (or broken engine's) as `ActorDiedError`,
     any other exception raised with a note naming the actor and stage."""
+    outcomes = [_outcome(stage, name, ref) for name, ref in calls]
+    for outcome in outcomes:
+        if isinstance(outcome, Exception) and not _died(outcome):
+            raise outcome
+    return outcomes
+
+
+def _outcome(stage: str, name: str, ref: Any) -> Any:
+    """A finished call's result; a dead actor's (or broken engine's) `ActorDiedError`, or the
+    exception it raised, noted with the actor and stage."""
     import ray
     from ray.exceptions import RayActorError
 
-    outcomes: list[Any] = []
-    for name, ref in calls:
-        try:
-            outcomes.append(ray.get(ref))
-        except RayActorError as err:
-            outcomes.append(_death(f"{stage}: {name} died: {err}", err))
-        except EngineBrokenError as err:  # alive, but its engine is gone for good: as if dead
-            cause = getattr(err, "cause", err)  # Ray's wrapper holds the actor's own exception
-            outcomes.append(_death(f"{stage}: {name} must be replaced: {cause}", err))
-        except Exception as err:
-            err.add_note(f"(raised by {name} during {stage})")
-            raise
-    return outcomes
+    try:
+        return ray.get(ref)
+    except RayActorError as err:
+        return _death(f"{stage}: {name} died: {err}", err)
+    except EngineBrokenError as err:  # alive, but its engine is gone for good: as if dead
+        cause = getattr(err, "cause", err)  # Ray's wrapper holds the actor's own exception
+        return _death(f"{stage}: {name} must be replaced: {cause}", err)
+    except Exception as err:
+        err.add_note(f"(raised by {name} during {stage})")
+        return err
 
 
 def _death(message: str, cause: BaseException) -> ActorDiedError:

@@ -12,6 +12,7 @@ it, they are built from the option objects it holds.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,6 +165,10 @@ class DataConfig:
     """Folder that relative image paths resolve against; null: each JSONL's own folder."""
     on_error: OnError = OnError["raise"]  # type: ignore[valid-type,index]
     """Bad records: raise (stop, naming file and line) or skip (count and report them)."""
+    image_check_cache: str | None = "${gmai_rl.cache:image-checks.json}"
+    """A file recording the images that passed the load-time decode, keyed by path, size, mtime
+    and ctime: a later load (a resume, a multirun's other jobs, an eval set sharing the images)
+    decodes only new or changed ones. null decodes every image at every load."""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     """System message asking for <think>...</think><answer>X</answer>; null sends none."""
     max_eval_items: int | None = None
@@ -207,6 +212,12 @@ class RewardConfig:
     (reward 0, `reward_failures`)."""
     format_weight: float = 0.5
     """total = accuracy + format_weight * format (MCQ rule)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (gmai_rl.reward.overlong): over the last overlong_buffer
+    tokens of rollout.max_new_tokens the reward falls linearly by up to overlong_penalty, all of
+    it at the limit; logged as "overlong". 0: off (DAPO used 4096 of 20480 tokens)."""
+    overlong_penalty: float = 1.0
+    """The largest length penalty (>= 0), taken by a completion cut at rollout.max_new_tokens."""
     num_workers: int = 1
     """Reward actors; completions are spread evenly over them."""
 
@@ -226,7 +237,8 @@ class AlgoConfig:
     filter_high: float = 0.9
     """Highest group accuracy kept (inclusive)."""
     max_refill_rounds: int = 4
-    """Extra generate rounds per step to replace filtered groups; then train on what was kept."""
+    """Extra generate rounds per step to replace filtered groups (and prompts dropped for images
+    unreadable since the load); then train on what was kept, padded to a full batch."""
     loss: LossOptions = field(
         default_factory=lambda: LossOptions(temperature=II("rollout.temperature"))
     )
@@ -432,6 +444,14 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("cluster.max_restarts must be >= 0, cluster.restart_window_s > 0")
     if cfg.reward.timeout_s <= 0:
         errors.append(f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")
+    reward, budget = cfg.reward, cfg.rollout.max_new_tokens
+    if not (reward.overlong_buffer == 0 or 0 < reward.overlong_buffer < budget):
+        errors.append(
+            f"reward.overlong_buffer={reward.overlong_buffer} must be 0 (off) or less than "
+            f"rollout.max_new_tokens={budget}"
+        )
+    if not (math.isfinite(reward.overlong_penalty) and reward.overlong_penalty >= 0):
+        errors.append(f"reward.overlong_penalty={reward.overlong_penalty} must be >= 0")
     if cfg.sync.max_buckets_in_flight < 1:
         errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
@@ -443,6 +463,20 @@ def validate(cfg: TrainConfig) -> None:
             "learner.zero_stage=0 with learner.bf16=true: bf16 training needs ZeRO >= 1 here "
             "(gradients accumulate in fp32 only under ZeRO); set learner.zero_stage=1"
         )
+    if cfg.reward.fn is not None:
+        from gmai_rl.reward.worker import reward_path_parts
+
+        try:
+            reward_path_parts(cfg.reward.fn)
+        except ValueError as err:
+            errors.append(f"reward.fn: {err}")
+    if "trust_remote_code" in cfg.rollout.vllm.engine_args:
+        errors.append(
+            "rollout.vllm.engine_args.trust_remote_code: set model.trust_remote_code instead "
+            "(the one switch, for transformers and vLLM alike)"
+        )
+    if cfg.learner.max_skipped_steps < 1:
+        errors.append(f"learner.max_skipped_steps={cfg.learner.max_skipped_steps} must be >= 1")
     if cfg.dashboards.progress_interval_s < 0:
         errors.append(
             f"dashboards.progress_interval_s={cfg.dashboards.progress_interval_s:g} must be >= 0"

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from gmai_rl.reward.mcq import answer_block, extract_choice, mcq_reward
 from gmai_rl.types import Group, MCQItem
+
+log = logging.getLogger(__name__)
 
 
 def answered_letter(completion: str, item: MCQItem) -> str | None:
@@ -29,12 +32,20 @@ def answered_letter(completion: str, item: MCQItem) -> str | None:
 
 def summarize(groups: Sequence[Group], items: Sequence[MCQItem]) -> dict[str, Any]:
     """Accuracy, format and truncation rates, per-modality accuracy, answer-letter counts and the
-    first completion of each modality, over the first completion of each group."""
-    accuracy, formats, truncated = [], [], 0
+    first completion of each modality, over the first completion of each group.
+
+    A question whose images could not be read (`Group.dropped`) is named in a warning, counted
+    in "dropped" and left out of `n` and the rates; if every one was, evaluation stops.
+    """
+    accuracy, formats, truncated, dropped = [], [], 0, 0
     by_modality: dict[str, list[float]] = defaultdict(list)
     examples: dict[str, dict[str, str]] = {}
     letters: Counter[str] = Counter()
     for group, item in zip(groups, items, strict=True):
+        if group.dropped is not None:
+            dropped += 1
+            log.warning("question %s (%s) left out: %s", item.id, item.source, group.dropped)
+            continue
         completion = group.completions[0]
         reward = mcq_reward(completion.text, item.answer, item.options)
         accuracy.append(reward.accuracy)
@@ -47,12 +58,18 @@ def summarize(groups: Sequence[Group], items: Sequence[MCQItem]) -> dict[str, An
         )
         letters[answered_letter(completion.text, item) or "none"] += 1
     n = len(accuracy)
+    if not n:
+        raise RuntimeError(
+            f"none of the {dropped} questions could be evaluated: their images cannot be read "
+            "any more (the warnings above name them)"
+        )
     return {
         "accuracy": sum(accuracy) / n,
         "format_rate": sum(formats) / n,
         "truncated_rate": truncated / n,
         "n": n,
-        "policy_version": groups[0].policy_version,
+        "dropped": dropped,
+        "policy_version": next(g.policy_version for g in groups if g.dropped is None),
         "accuracy_by_modality": {m: sum(v) / len(v) for m, v in sorted(by_modality.items())},
         "answer_letters": dict(sorted(letters.items())),
         "examples": dict(sorted(examples.items())),
@@ -81,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt, load_mcq_jsonl
     from gmai_rl.models.loading import ModelOptions
     from gmai_rl.rollout.hf import HFEngine
+    from gmai_rl.rollout.worker import generate_or_drop
     from gmai_rl.types import SamplingParams
 
     items = load_mcq_jsonl(args.data)[: args.max_items]
@@ -90,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     groups: list[Group] = []
     for start in range(0, len(items), args.batch_size):
         batch = items[start : start + args.batch_size]
-        groups += engine.generate([build_prompt(i, system) for i in batch], 1, sampling)
+        groups += generate_or_drop(engine, [build_prompt(i, system) for i in batch], 1, sampling)
     summary = summarize(groups, items)
     text = json.dumps(summary, indent=2)
     print(text)

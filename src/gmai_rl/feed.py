@@ -4,7 +4,8 @@ prepare_artifacts  the tiny model and synthetic data when the config asks for th
                    are absent (the demo), built whole before they appear in the cache, with
                    a progress bar over the images written
 load_datasets      train / held-out / SFT items from their JSONL files, with a progress bar per
-                   file (checking every image takes a while on real data)
+                   file (checking every image takes a while on real data; images that passed
+                   an earlier load unchanged are skipped: data.image_check_cache)
 ItemSampler        draws without replacement, reshuffled every epoch (RL prompts, SFT batches)
 sft_samples        items as learner samples: prompt + reference reasoning and answer
 """
@@ -103,7 +104,11 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
             cfg.dashboards, f"loading {Path(path).name}", count_records(path), unit="record"
         ) as bar:
             return load_mcq_jsonl(
-                path, image_root=d.image_root, on_error=d.on_error, on_record=bar.update
+                path,
+                image_root=d.image_root,
+                on_error=d.on_error,
+                on_record=bar.update,
+                image_cache=d.image_check_cache,
             )
 
     data = Datasets(train=load(d.train))

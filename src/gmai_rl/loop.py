@@ -326,18 +326,23 @@ def collect_groups(
 ) -> tuple[list[Group], CollectStats]:
     """Roll out prompts until `want` groups pass the online accuracy filter.
 
-    Each refill round oversamples by the drop rate seen so far. When the rounds run out, the batch
-    is topped up with filtered-out groups (counted as padded) so every step trains on a full batch.
+    Prompts the rollout dropped (images unreadable since the load: `Group.dropped`) are named in
+    a warning, counted, and replaced like filtered groups. Each refill round oversamples by the
+    keep rate seen so far. When the rounds run out, the batch is topped up with filtered-out
+    groups, then with repeats of kept ones (counted as padded), so every step trains on a full
+    batch (the learner splits it evenly); a step left with no group at all stops the run.
     """
     kept: list[Group] = []
-    dropped: list[Group] = []
+    filtered: list[Group] = []
     stats = CollectStats()
-    for _ in range(1 + (algo.max_refill_rounds if algo.accuracy_filter else 0)):
+    for _ in range(1 + algo.max_refill_rounds):
         missing = want - len(kept)
         if missing <= 0:
             break
-        keep_rate = len(kept) / stats.generated_groups if stats.generated_groups else 1.0
-        groups = rollout(sampler.take(math.ceil(missing / max(keep_rate, 0.25))))
+        asked = stats.generated_groups + stats.dropped_prompts
+        keep_rate = len(kept) / asked if asked else 1.0
+        items = sampler.take(math.ceil(missing / max(keep_rate, 0.25)))
+        groups = without_dropped(rollout(items), items, stats)
         stats.rounds += 1
         stats.generated_groups += len(groups)
         stats.all_groups += groups
@@ -351,11 +356,36 @@ def collect_groups(
         stats.dropped_too_hard += result.dropped_too_hard
         keep = set(result.keep)
         kept += [g for i, g in enumerate(groups) if i in keep]
-        dropped += [g for i, g in enumerate(groups) if i not in keep]
+        filtered += [g for i, g in enumerate(groups) if i not in keep]
     if len(kept) < want:
+        spare = filtered + kept
+        if not spare:
+            raise RuntimeError(
+                f"every prompt of this step was dropped ({stats.dropped_prompts} in "
+                f"{stats.rounds} round(s)): their images cannot be read any more (the warnings "
+                "above name them); is the image folder still there?"
+            )
         stats.padded_groups = want - len(kept)
-        kept += dropped[: stats.padded_groups]
+        if stats.padded_groups > len(filtered):
+            log.warning(
+                "batch filled with %d repeated group(s): too few prompts left after dropped ones",
+                stats.padded_groups - len(filtered),
+            )
+        kept += [spare[i % len(spare)] for i in range(stats.padded_groups)]
     return kept[:want], stats
+
+
+def without_dropped(
+    groups: Sequence[Group], items: Sequence[MCQItem], stats: CollectStats
+) -> list[Group]:
+    """The groups that were generated; each dropped one is named in a warning and counted."""
+    for group, item in zip(groups, items, strict=True):
+        if group.dropped is not None:
+            stats.dropped_prompts += 1
+            log.warning(
+                "prompt %s (%s) dropped from this step: %s", item.id, item.source, group.dropped
+            )
+    return [group for group in groups if group.dropped is None]
 
 
 def check_some_rewards_scored(groups: Sequence[Group], reward_fn: str | None) -> None:

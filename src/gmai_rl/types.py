@@ -88,6 +88,10 @@ class Group:
     policy_version: int
     rewards: list[dict[str, float]] = field(default_factory=list)
     """One breakdown per completion, each with at least "total"; filled by the reward stage."""
+    dropped: str | None = None
+    """Set, with no completions, when the prompt's images could not be read at generation time
+    (deleted or corrupted after the load): why, naming the image. The driver counts such groups
+    (`prompts_dropped`) and leaves them out of the batch and the evaluation."""
 
 
 REWARD_FAILED = "reward_failed"

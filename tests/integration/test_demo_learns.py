@@ -21,6 +21,7 @@ def test_the_demo_learns_on_seed_0(tmp_path):
         f"trainer.output_dir={tmp_path / 'run'}",
         f"model.path={tmp_path / 'tiny-qwen2.5-vl'}",
         f"data.synthetic.dir={tmp_path / 'synthetic'}",
+        f"data.image_check_cache={tmp_path / 'image-checks.json'}",
         "trainer.seed=0",
         "trainer.save_final=false",
     )

@@ -3,13 +3,19 @@ test-faults`). One cluster for the module, faults in order, each followed by a f
 
 1. a rollout worker's process SIGKILLed (as a pre-emption or the kernel's OOM killer would):
    replaced, its prompts generated again, none lost or repeated, the policy version kept;
+   killed before a weight push instead: the push's other members leave the broken collective,
+   the replacement gets the new weights with the others, checked, and the new policy version;
 2. a reward worker's process exiting mid-batch: replaced, its batch scored again;
 3. a reward function that hangs: cut by `reward.timeout_s`, the worker replaced, its batch's
    completions counted as failed;
-4. a stalled rollout worker (generate) or learner rank (train): the stage stops within
-   `cluster.call_timeout_s`, naming the stage and the actor (a stalled reward worker is case 3);
+4. a stalled rollout worker (generate, weight sync) or learner rank (train): the stage stops
+   within `cluster.call_timeout_s`, naming the stage and the actor (a stalled reward worker is
+   case 3);
 5. a learner rank killed: the training stage stops at once, naming it;
-6. one death more than `cluster.max_restarts` (3) allows: the run stops, naming the limit.
+6. one death more than `cluster.max_restarts` (4) allows: the run stops, naming the limit.
+
+NaN and Inf losses are injected into learner ranks directly:
+tests/integration/test_learner_numerics.py::test_a_nan_on_one_rank_skips_the_step_on_every_rank.
 """
 
 import os
@@ -30,6 +36,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(1200)]
 ray = pytest.importorskip("ray")
 
 REWARD_TIMEOUT_S = 15
+SYNC_TIMEOUT_S = 20  # how long the push's survivors wait on a dead member (sync.timeout_s)
 CALL_TIMEOUT_S = 5  # cluster.call_timeout_s while a stall is injected
 STALL_S = 30
 
@@ -52,7 +59,8 @@ def trainer(small_config, tmp_path_factory, faults_dir):
         f"reward.fn={FAULTY_REWARD}",  # length reward: a random model never answers in format
         f"reward.timeout_s={REWARD_TIMEOUT_S}",
         "algo.accuracy_filter=false",
-        "cluster.max_restarts=3",
+        f"sync.timeout_s={SYNC_TIMEOUT_S}",
+        "cluster.max_restarts=4",
     )
     with running_cluster(cfg) as cluster:
         sampler = ItemSampler(load_datasets(cfg).train, seed=0)
@@ -101,6 +109,26 @@ def test_a_killed_rollout_worker_is_replaced_and_its_prompts_generated_again(tra
     assert cluster.rollouts[1] is not replaced and cluster.sync_generation == 1
 
 
+def test_a_rollout_worker_that_dies_at_the_weight_push_is_replaced_with_the_new_weights(trainer):
+    cfg, cluster, sampler = trainer
+    groups = rollout_fn(cluster, cfg, StageTimer())(sampler.take(cfg.algo.prompts_per_step))
+    cluster.train(make_train_samples(groups, "grpo"), 1)
+    version, replaced = cluster.version, cluster.rollouts[0]
+    kill_process_of(replaced)
+    started = time.monotonic()
+    assert cluster.sync_weights(cfg.sync.verify) == version + 1
+    recovered_s = time.monotonic() - started
+    print(f"weight push with a dead rollout worker: recovered in {recovered_s:.1f} s")
+    assert cluster.rollouts[0] is not replaced and cluster.rollout_restarts == 2
+    assert cluster.sync_generation == 2
+    learner = checksums(cluster.learner_weights().items())
+    assert cluster.rollout_checksums() == [learner] * len(cluster.rollouts)
+    assert cluster.policy_version() == version + 1
+    # The survivor left the broken broadcast at its own deadline, not the driver's.
+    assert recovered_s < cfg.cluster.call_timeout_s
+    step_with_all_prompts(cfg, cluster, sampler)  # and training goes on
+
+
 def test_a_reward_worker_that_dies_mid_batch_is_replaced_and_the_batch_scored_again(
     trainer, faults_dir
 ):
@@ -126,15 +154,21 @@ def stall(actor, seconds):
     return actor.__ray_call__.remote(lambda self: time.sleep(seconds))
 
 
-@pytest.mark.parametrize("stage", ["generate", "train"])
+def wait_until_idle(cluster):
+    """Every actor has finished what was queued on it (a ping runs after it)."""
+    actors = cluster.learners + cluster.rollouts
+    ray.get([a.__ray_call__.remote(lambda self: None) for a in actors], timeout=300)
+
+
+@pytest.mark.parametrize("stage", ["generate", "train", "weight sync"])
 def test_a_stalled_stage_stops_within_the_call_timeout_naming_stage_and_actor(trainer, stage):
     cfg, cluster, sampler = trainer
     items = sampler.take(cfg.algo.prompts_per_step)
     groups = rollout_fn(cluster, cfg, StageTimer())(items)
     actor, name = (
-        (cluster.rollouts[1], "rollout worker 1")
-        if stage == "generate"
-        else (cluster.learners[1], "learner rank 1")
+        (cluster.learners[1], "learner rank 1")
+        if stage == "train"
+        else (cluster.rollouts[1], "rollout worker 1")
     )
     busy = stall(actor, STALL_S)
     cluster.timeout_s = CALL_TIMEOUT_S
@@ -143,12 +177,15 @@ def test_a_stalled_stage_stops_within_the_call_timeout_naming_stage_and_actor(tr
         with pytest.raises(StageTimeoutError) as stopped:
             if stage == "generate":
                 cluster.generate([g.prompt for g in groups], 2, SamplingParams(max_new_tokens=4))
-            else:
+            elif stage == "train":
                 cluster.train(make_train_samples(groups, "grpo"), 1)
+            else:
+                cluster.sync_weights(cfg.sync.verify)
         waited = time.monotonic() - started
     finally:
         cluster.timeout_s = cfg.cluster.call_timeout_s
         ray.get(busy)  # the stall ends; the calls queued behind it then run to completion
+        wait_until_idle(cluster)  # a push's members leave it by sync.timeout_s at the latest
     assert f"{stage}: no answer from" in str(stopped.value) and name in str(stopped.value)
     assert f"within {CALL_TIMEOUT_S:g} s" in str(stopped.value)
     assert CALL_TIMEOUT_S <= waited < STALL_S  # bounded by the timeout, not by the stall
@@ -168,10 +205,10 @@ def test_a_learner_rank_that_dies_in_training_stops_the_stage_at_once_naming_it(
 
 
 def test_a_death_past_the_restart_limit_stops_the_run_naming_it(trainer):
-    cfg, cluster, sampler = trainer  # three replacements so far: the limit
+    cfg, cluster, sampler = trainer  # four replacements so far: the limit
     kill_process_of(cluster.rollouts[0])
     with pytest.raises(ActorDiedError) as stopped:
         rl_step(cluster, sampler, cfg)
     message = str(stopped.value)
     assert "generate: rollout worker 0 died" in message
-    assert "cluster.max_restarts=3" in message
+    assert "cluster.max_restarts=4" in message

@@ -22,7 +22,11 @@ from gmai_rl.data import load_mcq_jsonl
 from gmai_rl.feed import sft_samples
 from gmai_rl.learner.batching import plan_rank_batches
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
-from gmai_rl.learner.rank_metrics import combine_rank_metrics
+from gmai_rl.learner.rank_metrics import (
+    NonFiniteTrainingError,
+    check_step_decisions,
+    combine_rank_metrics,
+)
 from gmai_rl.learner.worker import Learner
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
@@ -213,6 +217,65 @@ def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(local_ray, m
         # A new stage re-anchors the reference at the current policy (the RL start after SFT).
         ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10), True) for r in ranks])
         assert train(ranks, samples)["ref_kl"] == pytest.approx(0.0, abs=1e-6)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+
+def with_rollout_logprobs(samples, nan_at=None):
+    """The samples with behaviour log-probs as a rollout engine returns them (finite, near the
+    policy's), one of them NaN at its first token when `nan_at` names its index."""
+    out = []
+    for i, s in enumerate(samples):
+        logprobs = [-2.0] * len(s.completion_ids)
+        if i == nan_at:
+            logprobs[0] = math.nan
+        out.append(dataclasses.replace(s, rollout_logprobs=logprobs))
+    return out
+
+
+@pytest.mark.faults  # make test-faults: DeepSpeed's three step paths take ~1.5 min each
+@pytest.mark.parametrize("model_case", ["qwen2-text"], indirect=True)
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(local_ray, model_case, zero_stage):
+    """A NaN behaviour log-prob in one sample, which only rank 1 holds: its loss is NaN, rank 0's
+    is finite. No rank may step (their replicas would part); the next clean step is taken by
+    both, and `learner.max_skipped_steps` skips in a row stop training."""
+    model_dir, samples = model_case
+    opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=4, num_minibatches=1)
+    ranks = start_ranks(model_dir, opts, LossOptions(kl_coef=0.0, use_rollout_logprobs=True))
+
+    def step(batch):
+        plans = plan(ranks, batch)
+        return ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plans, strict=True)])
+
+    def weights():
+        return [dict(w) for w in ray.get([r.named_parameters.remote() for r in ranks])]
+
+    try:
+        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
+        clean = with_rollout_logprobs(samples)
+        on_rank_1 = plan(ranks, clean)[1].minibatches[0][0]
+        poisoned = with_rollout_logprobs(samples, nan_at=clean.index(on_rank_1))
+        before = weights()
+
+        skipped = step(poisoned)
+        assert [math.isnan(r["loss"]) for r in skipped] == [False, True]
+        assert [(r.get("optim_steps", 0), r["skipped_steps"]) for r in skipped] == [(0, 1)] * 2
+        after_skip = weights()
+        for w in (before[0], *after_skip):
+            assert all(torch.equal(w[name], before[1][name]) for name in before[1])
+
+        taken = step(clean)
+        assert [(r["optim_steps"], r.get("skipped_steps", 0)) for r in taken] == [(1, 0)] * 2
+        moved = weights()
+        assert any(not torch.equal(moved[0][n], before[0][n]) for n in before[0])
+        assert all(torch.equal(moved[0][n], moved[1][n]) for n in moved[0])
+        check_step_decisions(taken, max_skipped=1)  # the run of skips ended
+
+        check_step_decisions(step(poisoned), max_skipped=2)
+        with pytest.raises(NonFiniteTrainingError, match="2 optimizer steps in a row"):
+            check_step_decisions(step(poisoned), max_skipped=2)
     finally:
         for r in ranks:
             ray.kill(r)

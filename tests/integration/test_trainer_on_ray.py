@@ -5,14 +5,18 @@ generate, the gloo weight-sync group) on the tiny offline model, driven by the d
 `rl_step`.
 """
 
+import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
 
+from gmai_rl.data import build_prompt
 from gmai_rl.feed import ItemSampler, load_datasets
 from gmai_rl.loop import rl_step
 from gmai_rl.sync.weights import checksums
+from gmai_rl.types import SamplingParams
 from support import LENGTH_REWARD, running_cluster
 
 pytestmark = pytest.mark.integration
@@ -82,3 +86,22 @@ def test_ranks_hold_identical_parameters_after_training(trainer):
     first = dict(per_rank[0])
     for other in per_rank[1:]:
         assert all(torch.equal(first[name], tensor) for name, tensor in other)
+
+
+def test_a_prompt_whose_image_went_after_the_load_comes_back_dropped(trainer, tmp_path):
+    """Through the actors: the worker answers a dropped group, the cluster passes it on as it is,
+    and the other prompts (on both workers) generate."""
+    cfg, cluster = trainer
+    items = load_datasets(cfg).train[:4]
+    gone = tmp_path / "gone.png"
+    shutil.copy(items[1].images[0], gone)
+    items[1] = dataclasses.replace(items[1], images=(str(gone),))
+    gone.unlink()
+    prompts = [build_prompt(item, cfg.data.system_prompt) for item in items]
+    groups = cluster.generate(prompts, 2, SamplingParams(max_new_tokens=4))
+    assert [g.prompt.id for g in groups] == [item.id for item in items]
+    assert [g.dropped is not None for g in groups] == [False, True, False, False]
+    assert (
+        groups[1].dropped == f"missing_image: image not found: {gone}" and not groups[1].completions
+    )
+    assert all(len(g.completions) == 2 for g in groups if g.dropped is None)

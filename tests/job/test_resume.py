@@ -46,6 +46,7 @@ def job(tiny_model_dir, synthetic_dir):
         f"model.path={tiny_model_dir}",
         "model.build_tiny_if_missing=false",
         f"data.synthetic.dir={synthetic_dir}",
+        "data.image_check_cache=null",
         "algo.prompts_per_step=4",
         "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=8",

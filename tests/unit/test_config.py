@@ -4,6 +4,7 @@ and cross-field rules fail at start-up with the keys to change."""
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import typing
 from pathlib import Path
@@ -288,3 +289,27 @@ def test_bf16_without_zero_is_refused_before_deepspeed_would_fail():
     with pytest.raises(ValueError, match="bf16 training needs ZeRO >= 1"):
         validate(train_config("learner.zero_stage=0", "learner.bf16=true"))
     validate(train_config("learner.zero_stage=1", "learner.bf16=true"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["reward.overlong_buffer=-1"], "reward.overlong_buffer=-1 must be 0 (off) or less than"),
+        (["reward.overlong_buffer=48"], "or less than rollout.max_new_tokens=48"),
+        (
+            ["reward.overlong_buffer=16", "rollout.max_new_tokens=8"],
+            "reward.overlong_buffer=16 must be 0 (off) or less than rollout.max_new_tokens=8",
+        ),
+        (["reward.overlong_penalty=-0.5"], "reward.overlong_penalty=-0.5 must be >= 0"),
+        (["reward.overlong_penalty=nan"], "reward.overlong_penalty=nan must be >= 0"),
+    ],
+)
+def test_overlong_shaping_must_fit_the_generation_budget(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(train_config(*overrides))
+
+
+def test_overlong_shaping_is_off_by_default_and_valid_inside_the_budget():
+    assert train_config().reward.overlong_buffer == 0
+    validate(train_config("reward.overlong_buffer=47", "reward.overlong_penalty=0"))
+    validate(train_config("reward.overlong_buffer=0", "rollout.max_new_tokens=1"))

@@ -41,7 +41,7 @@ LAYERS: list[list[str]] = [
 ]
 """Each layer's rooms, by module path under gmai_rl; the longest matching room wins."""
 
-PURE_ROOMS = ("types", "algo", "data", "reward.mcq", "sync.buckets")
+PURE_ROOMS = ("types", "algo", "data", "reward.mcq", "reward.overlong", "sync.buckets")
 HEAVY = {"ray", "vllm", "deepspeed", "transformers"}
 MAY_IMPORT_RAY = ("cluster", "rollout", "learner", "reward.worker", "ray_metrics")
 """ray_metrics: the driver's own gauges in Ray's metrics system (a dashboards sink), kept out of

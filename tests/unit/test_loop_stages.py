@@ -117,6 +117,25 @@ def test_step_record_reports_the_issue_metrics():
     assert record["generated_tokens"] == 2 * (1 + 2)  # lengths 1, 2 per group
     assert record["policy_version"] == 5 and record["time_sync_s"] == 0.2
     assert progress_line(record, 10).startswith("step 5/10 | reward 0.750")
+    assert record["truncated"] == 0 and record["truncated_rate"] == 0.0
+    assert "overlong_penalty_mean" not in record  # shaping off: no "overlong" in any breakdown
+
+
+def test_step_record_counts_completions_cut_at_the_limit_and_their_length_penalty():
+    g1, g2 = group(item(1), [1.0, 0.0]), group(item(2), [0.0, 0.0])
+    g1.completions[1].finish_reason = "length"
+    g2.completions[0].finish_reason = "length"
+    for g, penalties in ((g1, [0.0, -1.0]), (g2, [-1.0, -0.5])):
+        g.rewards = [
+            {**r, "overlong": p, "total": r["total"] + p}
+            for r, p in zip(g.rewards, penalties, strict=True)
+        ]
+    g2.rewards[1] = failed_reward()  # no penalty: counts as 0 in the mean, as in the totals
+    stats = CollectStats(generated_groups=2, rounds=1, all_groups=[g1, g2])
+    record = step_metrics(0, StepRecord([g1, g2], stats, {}, 1, StageTimer()))
+    assert record["truncated"] == 2 and record["truncated_rate"] == 0.5
+    assert record["overlong_penalty_mean"] == -0.5
+    assert record["reward_mean"] == pytest.approx((1.5 + -0.5 + -0.5 + 0.0) / 4)
 
 
 class FakeCluster:

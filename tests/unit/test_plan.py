@@ -381,6 +381,7 @@ def test_a_run_stops_before_the_cluster_when_the_plan_cannot_fit(
         f"model.path={tiny_model_dir}",
         f"data.synthetic.dir={synthetic_dir}",
         f"trainer.output_dir={tmp_path / 'out'}",
+        f"data.image_check_cache={tmp_path / 'image-checks.json'}",
         "rollout=vllm",
         "rollout.vllm.max_model_len=128",
     )

@@ -6,6 +6,8 @@ checks each record: JSON, fields and types, options, answer among the options, i
 inside the image root when referenced by a relative path, and decodable by PIL to the last pixel
 (`image_problem`: truncated or corrupt files, non-images, decompression bombs, 16-bit and float
 modes are refused), and ids unique within the load. A record without an `id` gets "<file stem>-<line>".
+With `image_cache` (a file, `gmai_rl.data.image_checks`) an image that passed before and is
+unchanged since is not decoded again.
 
 Failures raise `DataError` naming the file, the 1-based line and the reason. With
 `on_error="skip"` bad records are skipped instead, counted by reason in a `LoadReport` and logged
@@ -20,6 +22,7 @@ as in `dataset[i]`) instead of a line.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gmai_rl.data.image_checks import ImageCheckCache
 from gmai_rl.data.records import (
     DUPLICATE_ID,
     IMAGE_TOO_LARGE,
@@ -106,10 +110,16 @@ def load_mcq_jsonl(
     *,
     check_images: bool = True,
     on_record: Callable[[], None] | None = None,
+    image_cache: str | os.PathLike[str] | None = None,
 ) -> list[MCQItem]:
     """The questions in a JSON Lines file; see the module docstring and `load_mcq_jsonl_with_report`."""
     items, _ = load_mcq_jsonl_with_report(
-        path, image_root, on_error, check_images=check_images, on_record=on_record
+        path,
+        image_root,
+        on_error,
+        check_images=check_images,
+        on_record=on_record,
+        image_cache=image_cache,
     )
     return items
 
@@ -121,6 +131,7 @@ def load_mcq_jsonl_with_report(
     *,
     check_images: bool = True,
     on_record: Callable[[], None] | None = None,
+    image_cache: str | os.PathLike[str] | None = None,
 ) -> tuple[list[MCQItem], LoadReport]:
     """The questions in a JSON Lines file and the report of what was skipped.
 
@@ -128,15 +139,19 @@ def load_mcq_jsonl_with_report(
         path: the JSONL file.
         image_root: folder that relative image paths start from; default: the file's folder.
         on_error: "raise" a `DataError` at the first bad record, or "skip" bad records.
-        check_images: open every image's header with PIL; off only for trusted data on slow disks.
+        check_images: decode every image with PIL; off only for trusted data on slow disks.
         on_record: called after each non-blank line, loaded or skipped (progress of a long load).
+        image_cache: a file recording the images that passed (`gmai_rl.data.image_checks`): an
+            image recorded there and unchanged since is not decoded again. None: decode all.
     """
     jsonl = Path(path)
     if not jsonl.is_file():
         raise FileNotFoundError(f"no such JSONL file: {jsonl}")
     root = os.path.abspath(image_root if image_root is not None else jsonl.parent)
     report = LoadReport(source=str(jsonl))
-    items = _collect(_jsonl_records(jsonl), root, on_error, check_images, report, on_record)
+    items = _collect(
+        _jsonl_records(jsonl), root, on_error, check_images, report, on_record, image_cache
+    )
     return items, report
 
 
@@ -150,6 +165,7 @@ def load_mcq_dataset(
     check_images: bool = True,
     revision: str | None = None,
     cache_dir: str | None = None,
+    image_cache: str | os.PathLike[str] | None = None,
 ) -> list[MCQItem]:
     """The questions of a dataset loaded through `datasets`; see `load_mcq_dataset_with_report`."""
     items, _ = load_mcq_dataset_with_report(
@@ -161,6 +177,7 @@ def load_mcq_dataset(
         check_images=check_images,
         revision=revision,
         cache_dir=cache_dir,
+        image_cache=image_cache,
     )
     return items
 
@@ -175,6 +192,7 @@ def load_mcq_dataset_with_report(
     check_images: bool = True,
     revision: str | None = None,
     cache_dir: str | None = None,
+    image_cache: str | os.PathLike[str] | None = None,
 ) -> tuple[list[MCQItem], LoadReport]:
     """The questions of a dataset loaded through `datasets`, and the report of what was skipped.
 
@@ -189,7 +207,7 @@ def load_mcq_dataset_with_report(
         config: the dataset config, e.g. "reasoning_mcq_rl" or "reasoning_mcq_sft".
         image_root: folder that relative image paths start from; default: the file's folder,
             the dataset folder or the downloaded snapshot.
-        on_error, check_images: as in `load_mcq_jsonl_with_report`.
+        on_error, check_images, image_cache: as in `load_mcq_jsonl_with_report`.
         revision: hub revision (branch, tag or commit) to download.
         cache_dir: where `datasets` caches the prepared tables.
 
@@ -213,7 +231,7 @@ def load_mcq_dataset_with_report(
     root = os.path.abspath(image_root if image_root is not None else folder)
     rows = _dataset_records(_undecoded_images(dataset), label, id_prefix)
     report = LoadReport(source=label)
-    items = _collect(rows, root, on_error, check_images, report)
+    items = _collect(rows, root, on_error, check_images, report, image_cache=image_cache)
     return items, report
 
 
@@ -341,12 +359,18 @@ def _collect(
     check_images: bool,
     report: LoadReport,
     on_record: Callable[[], None] | None = None,
+    image_cache: str | os.PathLike[str] | None = None,
 ) -> list[MCQItem]:
     """Parse and check every record, in order. Images are decoded by a thread pool a bounded
     window of records ahead of the one being finished (PIL's decoders release the GIL), so a
-    large dataset's check runs on every core while errors still come in file order."""
+    large dataset's check runs on every core while errors still come in file order; those that
+    `image_cache` records as passed, unchanged since, are not decoded again."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    cache = ImageCheckCache(image_cache) if check_images and image_cache is not None else None
+    check: Callable[[str], RecordError | None] = (
+        image_problem if cache is None else functools.partial(cache.check, check=image_problem)
+    )
     items: list[MCQItem] = []
     first_seen: dict[str, str] = {}  # id -> location
     checks: dict[str, Future[RecordError | None]] = {}  # many questions share an image
@@ -381,7 +405,7 @@ def _collect(
                 if check_images and isinstance(parsed, MCQItem):
                     for image in parsed.images:
                         if image not in checks:
-                            checks[image] = pool.submit(image_problem, image)
+                            checks[image] = pool.submit(check, image)
                 window.append((raw, parsed))
                 if len(window) > _IMAGE_CHECK_WINDOW:
                     finish(*window.popleft())
@@ -389,7 +413,17 @@ def _collect(
                 finish(*window.popleft())
         finally:
             pool.shutdown(cancel_futures=True)  # a raised error leaves checks queued
+            if cache is not None:
+                cache.save()  # also when a bad record stopped the load: the passes hold
     report.loaded = len(items)
+    if cache is not None:
+        logger.info(
+            "%s: %d images decoded, %d more known good from %s",
+            report.source,
+            cache.decoded,
+            cache.hits,
+            cache.file,
+        )
     if report.skipped_total:
         logger.warning("%s", report.summary())
     return items

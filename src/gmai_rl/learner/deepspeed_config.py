@@ -25,7 +25,9 @@ def deepspeed_config(opts: LearnerOptions, world_size: int) -> dict[str, Any]:
         "train_batch_size": opts.micro_batch_size * world_size,
         "gradient_clipping": opts.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": opts.bf16},
+        # A step with a NaN/Inf gradient is skipped on every rank (Learner._optimizer_step);
+        # explicit, since DeepSpeed checks bf16 gradients only when this is on.
+        "bf16": {"enabled": opts.bf16, "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,

@@ -102,6 +102,10 @@ class LearnerOptions:
     batch reached 50% held-out accuracy in 200 steps, two reached 100%."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+    max_skipped_steps: int = 3
+    """An optimizer step whose loss or gradient holds a NaN or Inf is skipped on every rank
+    (warned, counted in `skipped_steps`); this many in a row stop the run, whose last checkpoint
+    then holds the weights from before them."""
     bf16: bool = False
     """Train in bf16 with fp32 master weights (GPU)."""
     offload_optimizer: bool = False

@@ -147,6 +147,7 @@ class Learner:
             self.reference, *_ = deepspeed.initialize(model=reference.eval(), config=ref_config)
         self.optim = OptimOptions(total_steps=1)  # the default rate until start_stage
         self.optim_step = 0
+        self.skipped_in_a_row = 0
         self.sync_group: SyncGroup | None = None
 
     def _load_device(self, ds_config: dict[str, Any]) -> str | None:
@@ -299,11 +300,8 @@ class Learner:
                 for i, micro in enumerate(micros):
                     self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
                     accumulate(sums, self._rl_micro_step(micro, old, n_tok, n_seq))
-                self.engine.step()
-                self.optim_step += 1
-                sums["grad_norm"] += _grad_norm(self.engine)
+                accumulate(sums, self._optimizer_step())
                 sums["lr"] += lr
-                sums["optim_steps"] += 1
         return dict(sums)
 
     def _rl_micro_step(
@@ -337,6 +335,8 @@ class Learner:
             num_seqs=n_seq,
             norm_len=lo.norm_len,
         )
+        if not torch.isfinite(loss):
+            loss = poisoned(loss, logprobs)
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of a global sum.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         tokens = float(mask.sum())
@@ -398,11 +398,42 @@ class Learner:
             mask = batch.completion_mask.to(self.device)
             logprobs, _ = self._completion_scores(self.engine, batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens
+            if not torch.isfinite(loss):
+                loss = poisoned(loss, logprobs)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             total += loss.item()
-        self.engine.step()
+        return {"sft_loss": total, "lr": lr, **self._optimizer_step()}
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """The step that ends a mini-batch, skipped on every rank if any gradient is not finite.
+
+        Under ZeRO 1-3 DeepSpeed decides: its overflow check (`check_grad_overflow` in bf16, an
+        invalid global norm in fp32) all-reduces one flag over the data-parallel group, and an
+        overflowing step clears the gradients and leaves parameters and optimizer state as they
+        were (deepspeed 0.19.8 `DeepSpeedZeroOptimizer.step`, `..._Stage3.step`,
+        `BF16_Optimizer.step`). ZeRO-0 has no such check: its gradients are whole and identical
+        on every rank after the all-reduce, so each rank reads them and reaches the same verdict.
+        A rank whose loss alone was not finite poisons its gradients first (`poisoned`).
+
+        Returns `optim_steps` (1 taken) or `skipped_steps` (1), `skipped_in_a_row_max` (the skips
+        since this rank's last step, which the driver limits) and a taken step's `grad_norm`.
+        """
+        if self.opts.zero_stage == 0 and not _gradients_finite(self.engine.module):
+            self.optimizer.zero_grad(set_to_none=True)
+            applied = False
+        else:
+            self.engine.step()
+            applied = self.engine.was_step_applied()
+        if not applied:
+            self.skipped_in_a_row += 1
+            return {"skipped_steps": 1.0, "skipped_in_a_row_max": float(self.skipped_in_a_row)}
         self.optim_step += 1
-        return {"sft_loss": total, "grad_norm": _grad_norm(self.engine), "lr": lr}
+        self.skipped_in_a_row = 0
+        return {
+            "optim_steps": 1.0,
+            "skipped_in_a_row_max": 0.0,
+            "grad_norm": _grad_norm(self.engine),
+        }
 
     # ------------------------------------------------------------------------- weights out
 
@@ -494,9 +525,10 @@ class Learner:
     def load_state(self, folder: str) -> None:
         """Restore what `save_state` wrote (every rank calls)."""
         src = Path(folder) / "learner"
-        _, client = self.engine.load_checkpoint(
-            str(src), tag="policy", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_torch_loads():
+            _, client = self.engine.load_checkpoint(
+                str(src), tag="policy", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if client is None:
             raise RuntimeError(f"learner rank {self.rank}: no policy checkpoint in {src}")
         optim = dict(client["optim"])
@@ -559,6 +591,49 @@ def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : row.numel()] = row[: like.shape[1]]
     return out
+
+
+@contextmanager
+def weights_only_torch_loads() -> Iterator[None]:
+    """Every torch.load inside unpickles tensors and plain data only.
+
+    DeepSpeed 0.19.8 reads its checkpoint files with `torch.load(weights_only=False)`
+    (`TorchCheckpointEngine.load`): resuming from a checkpoint someone else wrote would run any
+    code its pickles hold. `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides that; the optimizer states
+    hold three DeepSpeed classes besides plain data, allowed by name.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def poisoned(loss: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """A non-finite loss whose backward makes every gradient it reaches NaN.
+
+    A NaN or Inf loss usually spreads into the gradients on its own, but not always (an Inf
+    behind a clamp, a NaN that only the forward value carries); the overflow check reads
+    gradients, so a rank that saw a bad loss makes sure its gradients say so.
+    """
+    return loss + (logprobs * float("nan")).sum()
+
+
+def _gradients_finite(module: torch.nn.Module) -> bool:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _grad_norm(engine: Any) -> float:

@@ -11,16 +11,24 @@ the step: that completion scores {"total": 0.0, "reward_failed": 1.0} (`REWARD_F
 counts it (`reward_failures` in metrics.jsonl) and each worker logs the first few tracebacks with
 the item's id and source. A step where every completion failed is stopped by the driver: that is a
 broken reward function, not a fault of one sample.
+
+Overlong shaping (`reward.overlong_buffer` > 0, `gmai_rl.reward.overlong`): each completion that
+scored gets DAPO's soft length penalty added into its "total" and recorded as "overlong" (a
+function's own "overlong" key is overwritten); a failed completion keeps its failed breakdown.
+It needs each completion's generated token count, the third element of what `score` takes. Off,
+every breakdown is exactly the function's.
 """
 
 from __future__ import annotations
 
 import importlib
+import keyword
 import logging
 import math
 from collections.abc import Callable, Sequence
 
 from gmai_rl.reward.mcq import mcq_reward
+from gmai_rl.reward.overlong import OVERLONG, soft_overlong_penalty
 from gmai_rl.types import MCQItem, failed_reward
 
 log = logging.getLogger(__name__)
@@ -30,14 +38,35 @@ LOGGED_FAILURES = 3
 
 RewardFn = Callable[[str, MCQItem], dict[str, float]]
 
+ToScore = tuple[str, MCQItem] | tuple[str, MCQItem, int]
+"""(completion text, item) or (completion text, item, generated token count)."""
 
-def resolve_reward_fn(path: str) -> RewardFn:
-    """Import `module:attr` or `module.attr` and return the callable it names."""
+
+def reward_path_parts(path: str) -> tuple[str, str]:
+    """(module, attribute) of `module:attr` or `module.attr`.
+
+    ValueError, before anything is imported, for what is not a dotted path of identifiers (a
+    file path, code, an empty string) or names a builtin: a plug-in is only ever a function an
+    installed module defines, never text that would run.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"reward function {path!r} must look like 'package.module:function'")
+    names = [*module_name.split("."), attr]
+    a_file = path.endswith(".py") or module_name.endswith(".py")  # "rewards.py" is no module
+    if a_file or not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
+        raise ValueError(
+            f"reward function {path!r} must look like 'package.module:function': a dotted path "
+            "to a function in an importable module, not a file path or code"
+        )
+    if names[0] == "builtins":
+        raise ValueError(f"reward function {path!r}: builtins are not reward functions")
+    return module_name, attr
+
+
+def resolve_reward_fn(path: str) -> RewardFn:
+    """Import `module:attr` or `module.attr` and return the callable it names."""
+    module_name, attr = reward_path_parts(path)
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -69,21 +98,36 @@ def check_breakdown(breakdown: object, source: str) -> dict[str, float]:
 
 
 class RewardWorker:
-    def __init__(self, reward_fn: str | None = None, format_weight: float = 0.5) -> None:
-        self.source = reward_fn or "mcq_reward"
-        self.fn = resolve_reward_fn(reward_fn) if reward_fn else mcq_rule(format_weight)
+    def __init__(
+        self,
+        reward_fn: str | None = None,
+        format_weight: float = 0.5,
+        max_new_tokens: int = 0,
+        overlong_buffer: int = 0,
+        overlong_penalty: float = 1.0,
+    ) -> None:
+        """`max_new_tokens`, `overlong_buffer`, `overlong_penalty`: the generation budget and
+        the shaping's buffer and factor (`soft_overlong_penalty`); buffer 0 turns it off."""
+        self.source = "mcq_reward" if reward_fn is None else reward_fn
+        self.fn = mcq_rule(format_weight) if reward_fn is None else resolve_reward_fn(reward_fn)
         self.failures = 0
+        self.max_new_tokens = max_new_tokens
+        self.overlong_buffer = overlong_buffer
+        self.overlong_penalty = overlong_penalty
+        if overlong_buffer:  # bad arguments stop the worker's start, not a step
+            soft_overlong_penalty(0, max_new_tokens, overlong_buffer, overlong_penalty)
 
     def ping(self) -> str:
         return self.source
 
-    def score(self, pairs: Sequence[tuple[str, MCQItem]]) -> list[dict[str, float]]:
-        """One breakdown per (completion text, item) pair, in order."""
-        return [self._score_one(text, item) for text, item in pairs]
+    def score(self, pairs: Sequence[ToScore]) -> list[dict[str, float]]:
+        """One breakdown per (completion text, item[, generated token count]), in order; the
+        count is required when overlong shaping is on."""
+        return [self._score_one(*pair) for pair in pairs]
 
-    def _score_one(self, text: str, item: MCQItem) -> dict[str, float]:
+    def _score_one(self, text: str, item: MCQItem, length: int | None = None) -> dict[str, float]:
         try:
-            return check_breakdown(self.fn(text, item), self.source)
+            breakdown = check_breakdown(self.fn(text, item), self.source)
         except Exception:
             self.failures += 1
             if self.failures <= LOGGED_FAILURES:
@@ -98,3 +142,14 @@ class RewardWorker:
                     exc_info=True,
                 )
             return failed_reward()
+        if not self.overlong_buffer:
+            return breakdown
+        if length is None:
+            raise ValueError(
+                "overlong shaping (reward.overlong_buffer) needs each completion's generated "
+                "token count: score([(text, item, len(token_ids)), ...])"
+            )
+        penalty = soft_overlong_penalty(
+            length, self.max_new_tokens, self.overlong_buffer, self.overlong_penalty
+        )
+        return {**breakdown, OVERLONG: penalty, "total": breakdown["total"] + penalty}

@@ -9,23 +9,31 @@ the sync group. A vLLM engine (a `SyncingEngine`) has its model in vLLM's worker
 tensor-parallel rank, and each of them is a member: the worker reports `sync_members()`, the
 cluster gives it a block of that many consecutive ranks, and joining and receiving are delegated
 to the engine.
+
+A prompt whose images cannot be read any more (deleted or corrupted after the driver checked them
+at load) does not fail the call: it comes back as a Group with no completions and `dropped` set
+(`generate_or_drop`), which the driver counts and leaves out.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from gmai_rl.data.loader import image_problem
 from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
 from gmai_rl.models.loading import ModelOptions
-from gmai_rl.rollout.base import RolloutEngine, SyncingEngine
+from gmai_rl.rollout.base import EngineBrokenError, RolloutEngine, SyncingEngine
 from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.sync.group import SyncGroup, init_sync_group
 from gmai_rl.sync.weights import checksums, receive_weights
 from gmai_rl.types import Group, Prompt, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: Device | str) -> str:
@@ -48,6 +56,56 @@ def make_engine(
 
         return VLLMEngine(model, **engine_kwargs)
     raise ValueError(f"unknown rollout backend {backend!r}; expected 'hf' or 'vllm'")
+
+
+def generate_or_drop(
+    engine: RolloutEngine, prompts: Sequence[Prompt], n: int, sampling: SamplingParams
+) -> list[Group]:
+    """`engine.generate`, except that a prompt whose images cannot be read is answered with a
+    dropped Group (no completions, `dropped` naming the image and why) instead of an error.
+
+    Nothing is checked up front: both engines read a batch's images before generating, so a
+    failure costs no generation. Only then are the batch's images checked as at load (decoded
+    whole); the prompts of those that fail are set aside and the rest generated again (and
+    again, should another image go meanwhile). A failure that no image explains is raised.
+    """
+    try:
+        return engine.generate(prompts, n, sampling)
+    except EngineBrokenError:
+        raise
+    except Exception as error:
+        problems = unreadable_images(prompts)
+        if not problems:
+            raise
+        log.warning(
+            "generate failed (%s: %s); generating again without the %d prompt(s) whose images "
+            "cannot be read",
+            type(error).__name__,
+            error,
+            len(problems),
+        )
+    rest = [p for i, p in enumerate(prompts) if i not in problems]
+    generated = iter(generate_or_drop(engine, rest, n, sampling) if rest else [])
+    version = engine.policy_version
+    return [
+        Group(p, [], [], version, dropped=problems[i]) if i in problems else next(generated)
+        for i, p in enumerate(prompts)
+    ]
+
+
+def unreadable_images(prompts: Sequence[Prompt]) -> dict[int, str]:
+    """Prompt index -> why its first unusable image cannot be used, for the prompts with one."""
+    verdicts: dict[str, str | None] = {}  # prompts may share an image
+    problems: dict[int, str] = {}
+    for i, prompt in enumerate(prompts):
+        for path in prompt.images:
+            if path not in verdicts:
+                problem = image_problem(path)
+                verdicts[path] = None if problem is None else str(problem)
+            if (verdict := verdicts[path]) is not None:
+                problems[i] = verdict
+                break
+    return problems
 
 
 class RolloutWorker:
@@ -75,10 +133,12 @@ class RolloutWorker:
         self._engine_synced = False
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
+        """n completions per prompt, one Group per prompt in order; a prompt whose images
+        cannot be read gets a dropped Group (`generate_or_drop`)."""
         groups: list[Group] = []
         for start in range(0, len(prompts), self.max_batch_prompts):
-            groups += self.engine.generate(
-                prompts[start : start + self.max_batch_prompts], n, sampling
+            groups += generate_or_drop(
+                self.engine, prompts[start : start + self.max_batch_prompts], n, sampling
             )
         return groups
 
