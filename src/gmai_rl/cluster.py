@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -431,6 +432,12 @@ class Cluster:
         """The rollout workers' policy version: weight pushes loaded (`sync_weights`)."""
         self.sync_generation = 0
         """Formations of the weight-sync group: one more each time it is re-formed."""
+        self.closed = False
+        """Shut down: nothing is replaced any more."""
+        self.sync_lock = threading.RLock()
+        """Held by whatever changes the sync group or pushes through it (`sync_weights`,
+        `replace_rollouts`): with `algo.max_staleness` > 0 a rollout worker may be replaced on
+        the pipeline's thread while the driver's thread trains."""
         self.restart_limit = RestartLimit(cfg.cluster.max_restarts, cfg.cluster.restart_window_s)
         self.rollout_restarts = 0
         """Rollout workers replaced since the start."""
@@ -641,10 +648,12 @@ class Cluster:
         return backend, sync_world
 
     def shutdown(self) -> None:
-        """Kill every actor and release the placement group."""
+        """Kill every actor and release the placement group. A stage still running on another
+        thread (the pipeline's) then fails instead of replacing the actors."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        self.closed = True
         for actor in self.learners + self.rollouts + self.rewards:
             ray.kill(actor)
         remove_placement_group(self.placement_group)
@@ -658,8 +667,9 @@ class Cluster:
         results: dict[int, list[Group]] = {}
         todo = [i for i, share in enumerate(shares) if share]
         while todo:
+            called = {i: self.rollouts[i] for i in todo}
             calls = [
-                (f"rollout worker {i}", self.rollouts[i].generate.remote(shares[i], n, sampling))
+                (f"rollout worker {i}", called[i].generate.remote(shares[i], n, sampling))
                 for i in todo
             ]
             outcomes = _await_outcomes("generate", calls, self.timeout_s)
@@ -669,7 +679,7 @@ class Cluster:
             # A dead worker's prompts go to its replacement: none lost, none generated twice.
             dead = {i: out for i, out in zip(todo, outcomes, strict=True) if _died(out)}
             if dead:
-                self.replace_rollouts(dead, "generate")
+                self.replace_rollouts(dead, "generate", called=called)
             todo = sorted(dead)
         return [group for i in sorted(results) for group in results[i]]
 
@@ -719,7 +729,10 @@ class Cluster:
         self.reward_restarts += 1
 
     def _count_restart(self, fault: ClusterError) -> None:
-        """Count one replacement, or raise `fault` when the restart limit is spent."""
+        """Count one replacement, or raise `fault` when the restart limit is spent (or the
+        cluster is shutting down)."""
+        if self.closed:
+            raise type(fault)(f"{fault}; the cluster is shutting down") from fault
         if not self.restart_limit.allow(time.monotonic()):
             limit = self.restart_limit
             raise type(fault)(
@@ -729,15 +742,30 @@ class Cluster:
             ) from fault
 
     def replace_rollouts(
-        self, dead: Mapping[int, ActorDiedError], stage: str, version: int | None = None
+        self,
+        dead: Mapping[int, ActorDiedError],
+        stage: str,
+        version: int | None = None,
+        called: Mapping[int, Any] | None = None,
     ) -> None:
         """Replace the rollout workers that died: a new actor in each one's bundle, the
         weight-sync group re-formed by every member (a group cannot take a new one), the
         learner's current weights pushed whole and checked, and every worker told their policy
         version: `version`, or the one they already had (a death outside the weight sync).
+        `called`: the actors the deaths were seen on; one another thread has replaced since is
+        left alone.
 
         Raises the death as `ActorDiedError` when the restart limit is spent.
         """
+        with self.sync_lock:
+            if called is not None:
+                dead = {i: d for i, d in dead.items() if self.rollouts[i] is called[i]}
+            if dead:
+                self._replace_rollouts(dead, stage, version)
+
+    def _replace_rollouts(
+        self, dead: Mapping[int, ActorDiedError], stage: str, version: int | None
+    ) -> None:
         import ray
 
         for died in dead.values():
@@ -826,6 +854,10 @@ class Cluster:
         All sends and receives are launched before any is awaited: each blocks on the others.
         With `verify`, every tensor's checksum on every worker must equal what rank 0 sent.
         """
+        with self.sync_lock:
+            return self._sync_weights(verify)
+
+    def _sync_weights(self, verify: bool) -> int:
         try:
             received = self._push_weights(verify)
         except RolloutsDiedError as died:

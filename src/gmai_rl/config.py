@@ -226,6 +226,12 @@ class RewardConfig:
 class AlgoConfig:
     estimator: Estimator = Estimator.grpo
     """Advantage estimator: grpo, drgrpo or rloo (gmai_rl.algo.advantages)."""
+    max_staleness: int = 0
+    """0: the synchronous loop (generate, score, train, push, each waiting for the last). s > 0:
+    the rollout workers collect the batches of the next s steps while the learners train, so a
+    batch is trained on by a policy up to s weight pushes newer than the one that generated it
+    (gmai_rl.algo.staleness; never more: checked every step, `staleness_max`). Pair it with
+    `algo.loss.behaviour_is_cap` for the off-policy correction."""
     prompts_per_step: int = 16
     """Groups in each training batch (after filtering and refilling)."""
     accuracy_filter: bool = False
@@ -434,6 +440,13 @@ def validate(cfg: TrainConfig) -> None:
     loss = cfg.algo.loss
     if loss.loss_agg == LossAgg.seq_mean_token_sum_norm and not loss.norm_len:
         errors.append("algo.loss.loss_agg=seq_mean_token_sum_norm needs algo.loss.norm_len")
+    if loss.behaviour_is_cap is not None and not loss.behaviour_is_cap >= 1:
+        errors.append(f"algo.loss.behaviour_is_cap={loss.behaviour_is_cap} must be >= 1 (or null)")
+    if loss.behaviour_is_cap is not None and loss.use_rollout_logprobs:
+        errors.append(
+            "algo.loss.behaviour_is_cap needs algo.loss.use_rollout_logprobs=false: the weight "
+            "pi_prox / pi_behav is 1 when the old log-probs are the rollout engine's own"
+        )
     if not 0 <= cfg.algo.filter_low <= cfg.algo.filter_high <= 1:
         errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
     errors += _vllm_errors(cfg)
@@ -475,6 +488,8 @@ def validate(cfg: TrainConfig) -> None:
             "rollout.vllm.engine_args.trust_remote_code: set model.trust_remote_code instead "
             "(the one switch, for transformers and vLLM alike)"
         )
+    if cfg.algo.max_staleness < 0:
+        errors.append(f"algo.max_staleness={cfg.algo.max_staleness} must be >= 0")
     if cfg.learner.max_skipped_steps < 1:
         errors.append(f"learner.max_skipped_steps={cfg.learner.max_skipped_steps} must be >= 1")
     if cfg.dashboards.progress_interval_s < 0:

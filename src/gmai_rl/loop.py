@@ -4,10 +4,12 @@
              -> SFT cold start -> evaluate -> RL -> evaluate -> report (gmai_rl.report)
     rl_step  sample prompts -> generate n each -> reward -> filter (refill) -> advantages
              -> train (PPO epochs on the learner ranks) -> push weights
+    Pipeline the same steps in a run; with algo.max_staleness > 0 the next batches are
+             collected on a second thread while the learners train
 
 Every remote call goes through the `Cluster` (gmai_rl.cluster); every group records the policy
-version that generated it, so with one sync per step the rollout is on-policy (staleness 0) and
-the metrics say so rather than assume it. Every record goes to metrics.jsonl and the configured
+version that generated it, so the staleness of what is trained on is measured and checked
+against `algo.max_staleness` every step (0, on-policy, in the synchronous loop), never assumed. Every record goes to metrics.jsonl and the configured
 dashboards (gmai_rl.dashboards); long phases show their progress (gmai_rl.progress).
 """
 
@@ -17,13 +19,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gmai_rl.algo import filter_by_accuracy, group_advantages
+from gmai_rl.algo.staleness import batches_to_prefetch, check_staleness, drain_points
 from gmai_rl.checkpoint import (
     DriverState,
     begin,
@@ -232,11 +237,16 @@ def run_rl(
         sampler.load_state(resume.sampler)
         history = list(resume.during_rl)
     first = resume.step if resume else 0
-    with Progress.of(cfg.dashboards, "rl", cfg.trainer.steps, unit="step") as bar:
+    steps = cfg.trainer.steps
+    drains = drain_points(steps, cfg.trainer.eval_every, cfg.trainer.save_every)
+    with (
+        Progress.of(cfg.dashboards, "rl", steps, unit="step") as bar,
+        Pipeline(cluster, sampler, cfg, steps, drains) as pipeline,
+    ):
         if first:
             bar.advance_to(first)
         for step in range(first, cfg.trainer.steps):
-            record = step_metrics(step, rl_step(cluster, sampler, cfg))
+            record = step_metrics(step, pipeline.step(step))
             dashboards.write(record)
             log.info(progress_line(record, cfg.trainer.steps))
             bar.update(reward=record["reward_mean"], acc=record["accuracy"])
@@ -282,22 +292,119 @@ def save_checkpoint(cluster: Cluster, cfg: TrainConfig, state: DriverState) -> P
 
 
 def rl_step(cluster: Cluster, sampler: ItemSampler[MCQItem], cfg: TrainConfig) -> StepRecord:
-    """One GRPO step: collect a filtered batch of scored groups, train on it, push the weights."""
-    timer = StageTimer()
-    restarts_before = cluster.rollout_restarts, cluster.reward_restarts
-    groups, stats = collect_groups(
-        rollout_fn(cluster, cfg, timer), sampler, cfg.algo.prompts_per_step, cfg.algo
-    )
-    samples = make_train_samples(groups, cfg.algo.estimator)
-    with timer("train"):
-        cluster.sleep_rollouts()
-        train_metrics = cluster.train(samples, cfg.learner.num_minibatches)
-    with timer("sync"):
-        cluster.wake_rollouts()
-        version = cluster.sync_weights(cfg.sync.verify)
-    rollouts = cluster.rollout_restarts - restarts_before[0]
-    rewards = cluster.reward_restarts - restarts_before[1]
-    return StepRecord(groups, stats, train_metrics, version, timer, rollouts, rewards)
+    """One synchronous GRPO step: collect a filtered batch of scored groups, train on it, push
+    the weights."""
+    with Pipeline(cluster, sampler, cfg, steps=1) as pipeline:
+        return pipeline.step(0)
+
+
+@dataclass
+class Batch:
+    """A step's scored groups and how they were collected (`generate`, `reward` seconds)."""
+
+    groups: list[Group]
+    stats: CollectStats
+    timer: StageTimer
+
+
+class Pipeline:
+    """The RL steps' stages in order: collect a batch, train on it, push the weights.
+
+    With `algo.max_staleness` = s > 0 the batches of later steps are collected on a thread of
+    their own while the learners train (`gmai_rl.algo.staleness`: which ones, and where the
+    pipeline drains). Only training overlaps collection: the push waits for the thread's
+    batches, so each batch is generated whole by the policy of a known version and a run is as
+    reproducible as the synchronous loop, which s = 0 is, call for call.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        sampler: ItemSampler[MCQItem],
+        cfg: TrainConfig,
+        steps: int,
+        drains: Container[int] = (),
+    ) -> None:
+        self.cluster, self.sampler, self.cfg = cluster, sampler, cfg
+        self.steps, self.drains = steps, drains
+        self.ready: dict[int, Batch] = {}
+        """Batches collected ahead, by step."""
+        self.next_batch = 0
+        """The first step whose batch is neither collected nor being collected."""
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if self.pool is not None:  # after a failure the thread ends with the cluster's actors
+            self.pool.shutdown(wait=kind is None, cancel_futures=True)
+
+    def collect(self) -> Batch:
+        """The next batch: the sampler's next prompts, generated, scored, filtered, refilled."""
+        timer = StageTimer()
+        groups, stats = collect_groups(
+            rollout_fn(self.cluster, self.cfg, timer),
+            self.sampler,
+            self.cfg.algo.prompts_per_step,
+            self.cfg.algo,
+        )
+        return Batch(groups, stats, timer)
+
+    def step(self, step: int) -> StepRecord:
+        """Step `step`: its batch (collected now unless collected ahead), training while the
+        next batches are collected, then the push."""
+        cluster, cfg = self.cluster, self.cfg
+        started = time.perf_counter()
+        restarts_before = cluster.rollout_restarts, cluster.reward_restarts
+        timer = StageTimer()
+        batch = self.ready.pop(step, None)
+        collected_here = []  # the rollout workers' work within this step's wall time
+        if batch is None:
+            batch = self.collect()
+            self.next_batch = step + 1
+            collected_here.append(batch)
+        staleness_max = check_staleness(
+            cluster.version, [g.policy_version for g in batch.groups], cfg.algo.max_staleness
+        )
+        ahead = batches_to_prefetch(
+            step, self.next_batch, cfg.algo.max_staleness, self.steps, self.drains
+        )
+        pending = self._collect_ahead(ahead)
+        samples = make_train_samples(batch.groups, cfg.algo.estimator)
+        with timer("train"):
+            cluster.sleep_rollouts()
+            train_metrics = cluster.train(samples, cfg.learner.num_minibatches)
+        if pending is not None:
+            with timer("wait_rollout"):  # the learners idle until the batches ahead are in
+                for index, ahead_batch in zip(ahead, pending.result(), strict=True):
+                    self.ready[index] = ahead_batch
+                    collected_here.append(ahead_batch)
+        with timer("sync"):
+            cluster.wake_rollouts()
+            version = cluster.sync_weights(cfg.sync.verify)
+        timer.seconds.update(batch.timer.seconds)
+        return StepRecord(
+            batch.groups,
+            batch.stats,
+            train_metrics,
+            version,
+            timer,
+            cluster.rollout_restarts - restarts_before[0],
+            cluster.reward_restarts - restarts_before[1],
+            wall_s=time.perf_counter() - started,
+            rollout_busy_s=sum(b.timer.seconds.get("generate", 0.0) for b in collected_here),
+            staleness_max=staleness_max,
+        )
+
+    def _collect_ahead(self, steps: list[int]) -> Future[list[Batch]] | None:
+        """Start collecting the batches of `steps`, in order, on the pipeline's thread."""
+        if not steps:
+            return None
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead")
+        self.next_batch = steps[-1] + 1
+        return self.pool.submit(lambda: [self.collect() for _ in steps])
 
 
 RolloutFn = Callable[[list[MCQItem]], list[Group]]

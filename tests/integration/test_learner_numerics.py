@@ -279,3 +279,91 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(local_ray, model_case, z
     finally:
         for r in ranks:
             ray.kill(r)
+
+
+def shifted_logprobs(samples, learner_rows, deltas=(0.0,)):
+    """The samples with rollout log-probs = the learner's own plus deltas[t % len(deltas)] at
+    completion token t (all 0 by default: the rollout engine agrees with the learner)."""
+    return [
+        dataclasses.replace(
+            s, rollout_logprobs=[lp + deltas[t % len(deltas)] for t, lp in enumerate(row)]
+        )
+        for s, row in zip(samples, learner_rows, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("model_case", ["qwen2-text"], indirect=True)
+def test_truncated_is_correction_on_agreeing_and_shifted_rollout_logprobs(local_ray, model_case):
+    """behaviour_is_cap with rollout log-probs equal to the learner's own trains as the plain
+    loss does (w = 1); shifted ones show up in the mismatch and weight metrics.
+
+    Two mini-batches per step: pi_prox is the learner's own recomputed log-probs (a separate
+    scoring pass), not the rollout's. The learner's scores and its training forward batch the
+    samples differently (padding), so they agree to float32 noise, not bit for bit."""
+    model_dir, samples = model_case
+    opts = LearnerOptions(micro_batch_size=2, num_minibatches=2)
+    optim = OptimOptions(lr=1e-2, total_steps=10)
+
+    def two_minibatches(ranks, batch):
+        return combine_rank_metrics(
+            ray.get(
+                [
+                    r.train_rl.remote(p)
+                    for r, p in zip(
+                        ranks, plan_rank_batches(batch, len(ranks), num_minibatches=2), strict=True
+                    )
+                ]
+            )
+        )
+
+    def gradients(ranks, batch):
+        (grads, _) = ray.get(
+            [r.rl_gradients.remote(p) for r, p in zip(ranks, plan(ranks, batch), strict=True)]
+        )
+        return dict(grads)
+
+    def own_logprobs(ranks):
+        return ray.get([r.score.remote(samples) for r in ranks])[0]
+
+    ranks = start_ranks(model_dir, opts, LossOptions(kl_coef=0.0))
+    try:
+        ray.get([r.start_stage.remote(optim) for r in ranks])
+        agreeing = shifted_logprobs(samples, own_logprobs(ranks))
+        plain_grads = gradients(ranks, agreeing)
+        plain = two_minibatches(ranks, agreeing)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+    # Cap off: no weight, but the learner/rollout mismatch is logged (float noise here).
+    assert "is_weight_mean" not in plain and plain["logprob_diff_max"] < 1e-4
+
+    ranks = start_ranks(model_dir, opts, LossOptions(kl_coef=0.0, behaviour_is_cap=2.0))
+    try:
+        ray.get([r.start_stage.remote(optim) for r in ranks])
+        assert gradient_mismatches(plain_grads, gradients(ranks, agreeing)) == []
+        capped = two_minibatches(ranks, agreeing)
+        for key in ("loss", "pg_loss", "grad_norm", "ratio_mean", "logprob_diff_mean"):
+            assert capped[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+        assert capped["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert capped["is_truncated_frac"] == 0.0
+
+        # A sample without rollout log-probs cannot be weighted: named, before any forward.
+        with pytest.raises(ray.exceptions.RayTaskError, match="rollout log-probs for"):
+            two_minibatches(ranks, samples)
+
+        # The engine's log-probs off by -0.5, +1 and -1 (token by token): w = e^0.5, e^-1 and
+        # e^1 truncated to 2; the mismatch is measured against the step's starting policy.
+        deltas = (-0.5, 1.0, -1.0)
+        shifted = two_minibatches(ranks, shifted_logprobs(samples, own_logprobs(ranks), deltas))
+        per_token = [t % 3 for s in samples for t in range(len(s.completion_ids))]
+        weights = [math.exp(0.5), math.exp(-1.0), 2.0]
+        expected_diff = sum(abs(deltas[k]) for k in per_token) / len(per_token)
+        assert shifted["logprob_diff_mean"] == pytest.approx(expected_diff, abs=1e-4)
+        assert shifted["logprob_diff_max"] == pytest.approx(1.0, abs=1e-4)
+        expected_w = sum(weights[k] for k in per_token) / len(per_token)
+        assert shifted["is_weight_mean"] == pytest.approx(expected_w, abs=1e-4)
+        expected_frac = per_token.count(2) / len(per_token)
+        assert shifted["is_truncated_frac"] == pytest.approx(expected_frac, abs=1e-6)
+    finally:
+        for r in ranks:
+            ray.kill(r)

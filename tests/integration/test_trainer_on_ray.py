@@ -105,3 +105,24 @@ def test_a_prompt_whose_image_went_after_the_load_comes_back_dropped(trainer, tm
         groups[1].dropped == f"missing_image: image not found: {gone}" and not groups[1].completions
     )
     assert all(len(g.completions) == 2 for g in groups if g.dropped is None)
+
+
+def test_the_one_step_off_pipeline_trains_on_batches_one_push_old(trainer):
+    """`algo.max_staleness=1` on the real actors: the next batch is generated (on the driver's
+    second thread) while the learners train, by the policy pushed before; every worker ends with
+    the learners' weights."""
+    from gmai_rl.loop import Pipeline
+    from gmai_rl.metrics import step_metrics
+
+    cfg, cluster = trainer
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, max_staleness=1))
+    sampler = ItemSampler(load_datasets(cfg).train, seed=0)
+    version = cluster.version
+    with Pipeline(cluster, sampler, cfg, steps=3) as pipeline:
+        records = [step_metrics(step, pipeline.step(step)) for step in range(3)]
+    assert [r["staleness_max"] for r in records] == [0, 1, 1]
+    assert [r["policy_version"] for r in records] == [version + 1, version + 2, version + 3]
+    assert all(r["time_wait_rollout_s"] >= 0 for r in records[:2])
+    assert all(0 <= r["idle_ratio_learner"] <= 1 for r in records)
+    learner = checksums(cluster.learner_weights().items())
+    assert cluster.rollout_checksums() == [learner] * len(cluster.rollouts)

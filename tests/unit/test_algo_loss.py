@@ -1,13 +1,21 @@
 """Policy loss, aggregation and KL: hand-computed cases, a per-element loop reference, gradients
-(zero exactly where a clip holds), global normalisers for gradient accumulation, and inputs that
-must not produce NaN (empty responses, extreme log-ratios, garbage in padding)."""
+(zero exactly where a clip holds), global normalisers for gradient accumulation, the truncated
+importance-sampling correction for off-policy batches, and inputs that must not produce NaN (empty
+responses, extreme log-ratios, garbage in padding)."""
 
 import math
 
 import pytest
 import torch
 
-from gmai_rl.algo import aggregate, kl_estimate, loss_normalisers, policy_loss
+from gmai_rl.algo import (
+    aggregate,
+    kl_estimate,
+    logprob_mismatch,
+    loss_normalisers,
+    policy_loss,
+    truncated_is_weights,
+)
 
 F64 = torch.float64
 
@@ -171,7 +179,9 @@ def test_kl_coef_without_reference_raises():
 # ---------------------------------------------------------------- loop reference
 
 
-def loop_policy_loss(lp, old, adv, mask, ref, kl_coef, kl_est, lo, hi, c, mode, norm_len):
+def loop_policy_loss(
+    lp, old, adv, mask, ref, kl_coef, kl_est, lo, hi, c, mode, norm_len, behav=None, cap=None
+):
     """Per-token Python floats, as the formulas read; returns the total loss."""
     B, L = len(lp), len(lp[0])
     pg = [[0.0] * L for _ in range(B)]
@@ -185,6 +195,8 @@ def loop_policy_loss(lp, old, adv, mask, ref, kl_coef, kl_est, lo, hi, c, mode, 
             loss = max(-a * r, -a * min(max(r, 1 - lo), 1 + hi))
             if c is not None and a < 0:
                 loss = min(loss, -a * c)
+            if behav is not None:
+                loss *= min(math.exp(old[i][t] - behav[i][t]), cap)
             pg[i][t] = loss
             if ref is not None:
                 x = ref[i][t] - lp[i][t]
@@ -283,6 +295,208 @@ def test_gradient_is_zero_exactly_where_clipped(seed):
     assert_close(lp.grad[free], (-a * r)[free] / mask.sum())
     expected_frac = ((a > 0) & (r > 1.15) | (a < 0) & (r < 0.9))[mask].double().mean()
     assert m["clip_frac"].item() == pytest.approx(expected_frac.item())
+
+
+# ---------------------------------------------------------------- off-policy correction (TIS)
+
+PROBS_PROX = [0.5, 0.2, 0.3, 0.9]
+PROBS_BEHAV = [0.5, 0.05, 0.6, 0.3]  # pi_prox / pi_behav = 1, 4, 0.5, 3
+
+
+def log_probs(*probs: float) -> torch.Tensor:
+    return torch.tensor([[math.log(p) for p in probs]], dtype=F64)
+
+
+def test_truncated_is_weights_by_hand():
+    # min(pi_prox / pi_behav, 2) = 1, 2, 0.5, 2; the fifth token is padding with garbage: 1
+    prox = torch.cat([log_probs(*PROBS_PROX), torch.tensor([[math.nan]], dtype=F64)], dim=1)
+    behav = torch.cat([log_probs(*PROBS_BEHAV), torch.tensor([[-math.inf]], dtype=F64)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    w = truncated_is_weights(leaf(prox), behav, mask, cap=2.0)
+    assert_close(w, torch.tensor([[1.0, 2.0, 0.5, 2.0, 1.0]], dtype=F64))
+    assert w[0, 0].item() == 1.0  # exactly 1 where the two policies agree
+    assert w[0, 1].item() == w[0, 3].item() == 2.0  # exactly the cap where truncated
+    assert not w.requires_grad  # data, not a path for the gradient
+    # cap 1: only tokens the engine over-weighted relative to the learner are down-weighted
+    w1 = truncated_is_weights(prox, behav, mask, cap=1.0)
+    assert_close(w1, torch.tensor([[1.0, 1.0, 0.5, 1.0, 1.0]], dtype=F64))
+
+
+def test_truncated_is_weights_keep_a_nan_on_a_response_token_visible():
+    prox, behav = log_probs(0.5, 0.5), torch.tensor([[math.nan, -math.inf]], dtype=F64)
+    w = truncated_is_weights(prox, behav, torch.ones(1, 2), cap=2.0)
+    assert math.isnan(w[0, 0].item()) and w[0, 1].item() == 2.0
+
+
+def test_decoupled_loss_by_hand():
+    # A = +1, clip [0.8, 1.2], r = pi_theta / pi_prox, w = min(pi_prox / pi_behav, 2):
+    #   r = 1.1, w = 1                -> -1.1
+    #   r = 1.5, w = 2 (4 truncated)  -> -2 * 1.2 = -2.4 (clipped)
+    #   r = 0.5, w = 0.5              -> -0.5 * 0.5 = -0.25
+    #   r = 1.0, w = 2 (3 truncated)  -> -2 * 1.0 = -2.0
+    # token-mean = -(1.1 + 2.4 + 0.25 + 2.0) / 4 = -1.4375
+    prox = log_probs(*PROBS_PROX)
+    logprobs = leaf(prox + log_ratios(1.1, 1.5, 0.5, 1.0))
+    loss, m = policy_loss(
+        logprobs,
+        prox,
+        torch.tensor([1.0], dtype=F64),
+        torch.ones(1, 4),
+        behaviour_logprobs=log_probs(*PROBS_BEHAV),
+        behaviour_is_cap=2.0,
+    )
+    assert loss.item() == pytest.approx(-1.4375)
+    assert m["pg_loss"].item() == pytest.approx(-1.4375)
+    assert m["is_weight_mean"].item() == pytest.approx((1 + 2 + 0.5 + 2) / 4)
+    assert m["is_truncated_frac"].item() == 0.5
+    # the clip sees r alone
+    assert m["clip_frac"].item() == 0.25
+    assert m["ratio_max"].item() == pytest.approx(1.5)
+    loss.backward()
+    # d(-w A r)/d log p = -w A r, / 4 tokens; the clipped token gets exactly 0
+    assert_close(logprobs.grad, torch.tensor([[-1.1 / 4, 0.0, -0.25 / 4, -2.0 / 4]], dtype=F64))
+
+
+def test_decoupled_loss_weights_a_dual_clipped_token():
+    # A = -1, r = 4 held by the dual clip at -A * 3 = 3, then weighted by w = 0.5 -> 1.5
+    loss, m = policy_loss(
+        log_ratios(4.0),
+        torch.zeros(1, 1, dtype=F64),
+        torch.tensor([-1.0], dtype=F64),
+        torch.ones(1, 1),
+        dual_clip_c=3.0,
+        behaviour_logprobs=torch.full((1, 1), math.log(2.0), dtype=F64),
+        behaviour_is_cap=2.0,
+    )
+    assert loss.item() == pytest.approx(1.5)
+    assert m["dual_clip_frac"].item() == 1.0 and m["is_weight_mean"].item() == 0.5
+
+
+def random_behaviour(old, seed, scale=0.8):
+    """Rollout log-probs around pi_prox: weights from ~0.1 to ~10, some over a cap of 2."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return old + torch.randn(old.shape, generator=g, dtype=old.dtype) * scale
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("dual_clip_c", [None, 2.0])
+def test_decoupled_gradient_is_the_weight_times_the_clipped_gradient(seed, dual_clip_c):
+    lp, old, adv, mask, _ = random_batch(seed, B=8, L=9)
+    behav = random_behaviour(old, seed)
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=dual_clip_c)
+    lp = leaf(lp)
+    (plain,) = torch.autograd.grad(policy_loss(lp, old, adv, mask, **kwargs)[0], lp)
+    loss, m = policy_loss(
+        lp, old, adv, mask, behaviour_logprobs=behav, behaviour_is_cap=2.0, **kwargs
+    )
+    (corrected,) = torch.autograd.grad(loss, lp)
+    ratio = (old - behav).exp()
+    w = ratio.clamp(max=2.0)
+    truncated = ratio[mask] > 2.0
+    assert truncated.any() and not truncated.all()  # the seed exercises both cases
+    assert_close(corrected[mask], (w * plain)[mask])
+    assert (corrected[~mask] == 0).all()
+    assert m["is_weight_mean"].item() == pytest.approx(w[mask].mean().item())
+    assert m["is_truncated_frac"].item() == pytest.approx(truncated.double().mean().item())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("mode", MODES)
+def test_decoupled_loss_matches_loop_reference(seed, mode):
+    lp, old, adv, mask, ref = random_batch(seed, per_token_adv=seed == 1)
+    behav = random_behaviour(old, seed)
+    loss, _ = policy_loss(
+        lp,
+        old,
+        adv,
+        mask,
+        ref_logprobs=ref,
+        kl_coef=0.05,
+        clip_eps_high=0.28,
+        dual_clip_c=3.0,
+        loss_agg=mode,
+        norm_len=10,
+        behaviour_logprobs=behav,
+        behaviour_is_cap=2.0,
+    )
+    lists = [t.tolist() for t in (lp, old, adv, mask, ref)]
+    expected = loop_policy_loss(
+        *lists, 0.05, "k3", 0.2, 0.28, 3.0, mode, 10, behav=behav.tolist(), cap=2.0
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_correction_off_or_between_agreeing_policies_is_the_plain_loss_bit_for_bit():
+    lp, old, adv, mask, ref = random_batch(3, dtype=torch.float32)
+    lp = leaf(lp)
+    common = dict(ref_logprobs=ref, kl_coef=0.05, dual_clip_c=3.0)
+    plain, m_plain = policy_loss(lp, old, adv, mask, **common)
+    off, m_off = policy_loss(
+        lp, old, adv, mask, behaviour_logprobs=None, behaviour_is_cap=None, **common
+    )
+    behav = torch.where(mask, old, torch.nan)  # pi_behav == pi_prox, garbage in the padding
+    agreeing, m_agreeing = policy_loss(
+        lp, old, adv, mask, behaviour_logprobs=behav, behaviour_is_cap=2.0, **common
+    )
+    grads = [torch.autograd.grad(loss, lp)[0] for loss in (plain, off, agreeing)]
+    assert torch.equal(plain, off) and torch.equal(plain, agreeing)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert m_off.keys() == m_plain.keys()
+    assert m_agreeing.keys() - m_plain.keys() == {"is_weight_mean", "is_truncated_frac"}
+    assert all(torch.equal(m_plain[k], m_agreeing[k]) for k in m_plain)
+    assert m_agreeing["is_weight_mean"].item() == 1.0
+    assert m_agreeing["is_truncated_frac"].item() == 0.0
+
+
+def test_correction_ignores_garbage_in_padding():
+    lp, old, adv, mask, _ = random_batch(4)
+    behav = random_behaviour(old, 4)
+    lp = leaf(lp)
+    garbage = behav.clone()
+    pad = (~mask).nonzero()
+    for k, (i, t) in enumerate(pad.tolist()):
+        garbage[i, t] = (math.nan, math.inf, -math.inf, 1e30)[k % 4]
+    losses, grads = [], []
+    for b in (behav, garbage):
+        loss, _ = policy_loss(lp, old, adv, mask, behaviour_logprobs=b, behaviour_is_cap=2.0)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, lp)[0])
+    assert len(pad) >= 4 and torch.isfinite(losses[1]) and torch.isfinite(grads[1]).all()
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_a_nan_behaviour_logprob_on_a_response_token_makes_the_loss_nan():
+    # Bad rollout data must not pass silently: the learner skips a step whose loss is NaN.
+    loss, _ = policy_loss(
+        torch.zeros(1, 2),
+        torch.zeros(1, 2),
+        torch.ones(1),
+        torch.ones(1, 2),
+        behaviour_logprobs=torch.tensor([[0.0, math.nan]]),
+        behaviour_is_cap=2.0,
+    )
+    assert math.isnan(loss.item())
+
+
+def test_logprob_mismatch_by_hand():
+    # |learner - rollout| on response tokens: 0.25, 1.0, 0.0 | 0.5; padding holds garbage
+    learner = torch.tensor([[-1.0, -2.0, -0.5, math.nan], [-3.0, 0.0, 0.0, 0.0]])
+    rollout = torch.tensor([[-1.25, -1.0, -0.5, -math.inf], [-2.5, 9.0, math.inf, math.nan]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    m = logprob_mismatch(leaf(learner), rollout, mask)
+    assert m.keys() == {"logprob_diff_mean", "logprob_diff_max"}
+    assert m["logprob_diff_mean"].item() == pytest.approx(1.75 / 4)
+    assert m["logprob_diff_max"].item() == 1.0
+    for value in m.values():
+        assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad
+    empty = logprob_mismatch(learner, rollout, torch.zeros(2, 4))
+    assert empty["logprob_diff_mean"].item() == 0.0 and empty["logprob_diff_max"].item() == 0.0
+    assert (
+        logprob_mismatch(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3))[
+            "logprob_diff_max"
+        ].item()
+        == 0.0
+    )
 
 
 # ---------------------------------------------------------------- aggregation
@@ -455,6 +669,11 @@ def test_metrics_are_detached_0d_float32_tensors():
         (dict(clip_eps_high=-0.1), "clip_eps_high"),
         (dict(dual_clip_c=1.0), "dual_clip_c"),
         (dict(kl_coef=-1.0), "kl_coef"),
+        (dict(behaviour_logprobs=torch.zeros(2, 4)), "pass both or neither"),
+        (dict(behaviour_is_cap=2.0), "pass both or neither"),
+        (dict(behaviour_logprobs=torch.zeros(2, 3), behaviour_is_cap=2.0), "behaviour_logprobs"),
+        (dict(behaviour_logprobs=torch.zeros(2, 4), behaviour_is_cap=0.5), "must be >= 1"),
+        (dict(behaviour_logprobs=torch.zeros(2, 4), behaviour_is_cap=math.nan), "must be >= 1"),
     ],
 )
 def test_policy_loss_rejects_bad_arguments(kwargs, message):

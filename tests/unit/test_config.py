@@ -313,3 +313,25 @@ def test_overlong_shaping_is_off_by_default_and_valid_inside_the_budget():
     assert train_config().reward.overlong_buffer == 0
     validate(train_config("reward.overlong_buffer=47", "reward.overlong_penalty=0"))
     validate(train_config("reward.overlong_buffer=0", "rollout.max_new_tokens=1"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algo.loss.behaviour_is_cap=2", "algo.loss.use_rollout_logprobs=true"],
+            "algo.loss.behaviour_is_cap needs algo.loss.use_rollout_logprobs=false",
+        ),
+        (["algo.loss.behaviour_is_cap=0.5"], "algo.loss.behaviour_is_cap=0.5 must be >= 1"),
+        (["algo.loss.behaviour_is_cap=nan"], "algo.loss.behaviour_is_cap=nan must be >= 1"),
+    ],
+)
+def test_the_off_policy_correction_needs_the_learners_own_old_logprobs(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(train_config(*overrides))
+
+
+def test_the_off_policy_correction_is_off_by_default_and_valid_on_its_own():
+    assert train_config().algo.loss.behaviour_is_cap is None
+    validate(train_config("algo.loss.behaviour_is_cap=2"))
+    validate(train_config("algo.loss.use_rollout_logprobs=true"))

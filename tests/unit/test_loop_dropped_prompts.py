@@ -119,6 +119,7 @@ class DroppingCluster:
 
     def __init__(self, lost: set[str]) -> None:
         self.lost = lost
+        self.version = 7  # the rollout workers' policy version, the groups' below
         self.rollout_restarts = self.reward_restarts = 0
         self.scored: list[int] = []
         self.trained: list[object] = []

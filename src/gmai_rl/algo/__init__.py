@@ -8,7 +8,14 @@ from gmai_rl.algo.advantages import ESTIMATORS, group_advantages
 from gmai_rl.algo.filters import FilterResult, filter_by_accuracy, filter_zero_variance
 from gmai_rl.algo.kl import KL_ESTIMATORS, kl_estimate
 from gmai_rl.algo.logprobs import entropy_from_logits, linear_token_logprobs, token_logprobs
-from gmai_rl.algo.loss import AGG_MODES, aggregate, loss_normalisers, policy_loss
+from gmai_rl.algo.loss import (
+    AGG_MODES,
+    aggregate,
+    logprob_mismatch,
+    loss_normalisers,
+    policy_loss,
+    truncated_is_weights,
+)
 
 __all__ = [
     "AGG_MODES",
@@ -22,7 +29,9 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "linear_token_logprobs",
+    "logprob_mismatch",
     "loss_normalisers",
     "policy_loss",
     "token_logprobs",
+    "truncated_is_weights",
 ]

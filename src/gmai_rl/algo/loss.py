@@ -17,9 +17,15 @@ add up to the mini-batch loss, whatever the split, instead of being a mean of me
 over-weights short micro-batches. `loss_normalisers` counts them with the same convention that
 `aggregate` uses when they are not given.
 
+Off-policy correction (`truncated_is_weights`): the ratio's denominator is pi_prox, the learner's
+own log-probs of the batch at the start of the training step, and each token's loss is weighted by
+w = min(pi_prox / pi_behav, C), pi_behav being the rollout engine's log-probs:
+
+    pg = w * pg                               when behaviour log-probs and a cap C are given
+
 Left out: entropy bonus (the learner logs entropy only), value/critic losses (GRPO has none),
-token-level importance-sampling corrections for rollout/learner mismatch (TIS): add them when the
-rollout engine's log-probs are used as `old_logprobs`.
+sequence-level importance weights and rejection of tokens by their weight (veRL's rollout
+correction offers both; AReaL drops tokens over its cap instead of truncating them).
 """
 
 from __future__ import annotations
@@ -128,13 +134,16 @@ def policy_loss(
     num_tokens: Normaliser | None = None,
     num_seqs: Normaliser | None = None,
     norm_len: float | None = None,
+    behaviour_logprobs: torch.Tensor | None = None,
+    behaviour_is_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss plus `kl_coef` times the KL to a reference (module docstring).
 
     Args:
         logprobs: `[B, L]` log-probs of the sampled tokens under the policy being trained
             (differentiable; `token_logprobs` of the learner's logits).
-        old_logprobs: `[B, L]` log-probs under the policy that sampled them (no gradient).
+        old_logprobs: `[B, L]` log-probs under the policy that sampled them (no gradient); with
+            `behaviour_logprobs`, under the proximal policy pi_prox (`truncated_is_weights`).
         advantages: `[B]` one per sequence, broadcast over its tokens, or `[B, L]` per token.
         mask: `[B, L]` 1 (or True) for response tokens; everything else is ignored, even NaN.
         ref_logprobs: `[B, L]` log-probs under the reference policy, or None when there is no
@@ -145,6 +154,11 @@ def policy_loss(
         dual_clip_c: None, or c > 1: the loss of a token with A < 0 is at most -A * c.
         loss_agg, num_tokens, num_seqs, norm_len: see `aggregate`; the KL term is aggregated the
             same way, so with global normalisers the micro-batch losses sum to the mini-batch one.
+        behaviour_logprobs: `[B, L]` log-probs under the rollout engine that sampled the tokens
+            (pi_behav), or None. Given, with `behaviour_is_cap`, each token's policy loss is
+            weighted by `truncated_is_weights(old_logprobs, behaviour_logprobs, mask, cap)` (the
+            KL term is not). Both or neither: None for both is the plain clipped loss, bit for bit.
+        behaviour_is_cap: the cap C >= 1 on that weight.
 
     Returns:
         `(loss, metrics)`. `loss` is a 0-d tensor to call backward on. `metrics` maps names to
@@ -160,10 +174,21 @@ def policy_loss(
             ratio_mean, ratio_min, ratio_max   of r (1.0 when there is no response token)
             approx_kl        KL(pi_old || pi) estimated as (r - 1) - log r
             ref_kl           mean per-token KL estimate to the reference (when given)
+            is_weight_mean      mean truncated importance weight w (with behaviour_logprobs)
+            is_truncated_frac   tokens whose weight the cap held (pi_prox / pi_behav >= cap)
             num_tokens       response tokens in this batch
     """
     _check_policy_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, kl_coef)
     _check_clip_args(clip_eps_low, clip_eps_high, dual_clip_c)
+    if (behaviour_logprobs is None) != (behaviour_is_cap is None):
+        raise ValueError(
+            "behaviour_logprobs and behaviour_is_cap go together: pass both or neither"
+        )
+    if behaviour_logprobs is not None and behaviour_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"behaviour_logprobs has shape {tuple(behaviour_logprobs.shape)}, expected "
+            f"{tuple(logprobs.shape)} like logprobs"
+        )
     mask = mask.bool()
     # Padding may hold anything (-inf from a masked vocabulary, NaN): zero it before arithmetic so
     # neither the forward values nor the backward through exp() can turn into NaN.
@@ -187,6 +212,12 @@ def policy_loss(
         dual_bound = -adv * dual_clip_c  # [B, 1] | [B, L]
         dual_held = (adv < 0) & (pg > dual_bound)  # [B, L]
         pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)  # [B, L]
+    is_weights: torch.Tensor | None = None
+    if behaviour_logprobs is not None and behaviour_is_cap is not None:
+        # old_logprobs is pi_prox here; the weight is data (no gradient), so the gradient is
+        # w times the clipped loss's gradient, token by token.
+        is_weights = truncated_is_weights(old_logprobs, behaviour_logprobs, mask, behaviour_is_cap)
+        pg = is_weights * pg  # [B, L]
 
     def agg(values: torch.Tensor) -> torch.Tensor:
         return aggregate(
@@ -223,7 +254,85 @@ def policy_loss(
         if kl is not None and kl_loss is not None:
             metrics["kl_loss"] = kl_loss
             metrics["ref_kl"] = _token_mean(kl, mask)
+        if is_weights is not None and behaviour_is_cap is not None:
+            metrics["is_weight_mean"] = _token_mean(is_weights, mask)
+            metrics["is_truncated_frac"] = _token_mean(is_weights >= behaviour_is_cap, mask)
     return loss, {name: value.detach().float() for name, value in metrics.items()}
+
+
+def truncated_is_weights(
+    prox_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> torch.Tensor:
+    """Truncated importance weights w = min(pi_prox / pi_behav, cap) of the sampled tokens.
+
+    The decoupled PPO objective of AReaL (Fu et al. 2025, "AReaL: A Large-Scale Asynchronous
+    Reinforcement Learning System for Language Reasoning", arXiv 2505.24298, sec. 5) separates the
+    policy that sampled a token, pi_behav (a stale policy version in the rollout engine, in another
+    precision), from the proximal policy pi_prox that the PPO clip is centred on (the learner's
+    own log-probs at the start of the step):
+
+        loss_t = -w_t * min(r_t * A, clip(r_t, 1 - eps_low, 1 + eps_high) * A),
+        r_t = pi_theta / pi_prox,    w_t = pi_prox / pi_behav (no gradient)
+
+    Truncating w_t at `cap` is the truncated importance sampling (TIS) of Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training" (veRL's
+    `tis_imp_ratio_cap`, typically 2): a token the engine sampled at a much lower probability than
+    the learner gives it cannot dominate the gradient. AReaL's `behav_imp_weight_cap` drops such
+    tokens instead; truncation keeps their (bounded) contribution.
+
+    Args:
+        prox_logprobs: `[B, L]` log pi_prox of the sampled tokens (detached here).
+        behaviour_logprobs: `[B, L]` log pi_behav of the same tokens, from the rollout engine.
+        mask: `[B, L]` 1 (or True) for response tokens; everything else is ignored, even NaN.
+        cap: C >= 1 (a cap below 1 would down-weight even tokens both policies agree on).
+
+    Returns:
+        `[B, L]` weights in [0, cap] without gradient (exactly `cap` where truncated), 1.0
+        outside the mask. A non-finite
+        log-prob at a response token stays visible: NaN gives NaN (the learner then skips the
+        step), a behaviour log-prob of -inf gives the cap.
+    """
+    if not cap >= 1:
+        raise ValueError(f"behaviour_is_cap must be >= 1, got {cap}")
+    if prox_logprobs.shape != behaviour_logprobs.shape or prox_logprobs.shape != mask.shape:
+        raise ValueError(
+            f"prox_logprobs {tuple(prox_logprobs.shape)}, behaviour_logprobs "
+            f"{tuple(behaviour_logprobs.shape)} and mask {tuple(mask.shape)} must match"
+        )
+    mask = mask.bool()
+    prox = torch.where(mask, _upcast(prox_logprobs.detach()), 0.0)  # [B, L]
+    behaviour = torch.where(mask, _upcast(behaviour_logprobs.detach()), 0.0)  # [B, L]
+    # Clamped before exp() against an overflow; a truncated weight is exactly `cap`.
+    log_ratio = (prox - behaviour).clamp(max=LOG_RATIO_CLAMP)  # [B, L]
+    return log_ratio.exp().clamp(max=cap)  # [B, L]
+
+
+def logprob_mismatch(
+    learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How far the rollout engine's log-probs of the sampled tokens are from the learner's.
+
+    Args:
+        learner_logprobs: `[B, L]` the learner's log-probs of the sampled tokens.
+        rollout_logprobs: `[B, L]` the rollout engine's log-probs of the same tokens.
+        mask: `[B, L]` 1 (or True) for response tokens; everything else is ignored, even NaN.
+
+    Returns:
+        Detached 0-d float32 tensors: "logprob_diff_mean" and "logprob_diff_max", the mean and
+        the largest |learner - rollout| over the response tokens (log space; 0 without any).
+    """
+    mask = mask.bool()
+    with torch.no_grad():
+        diff = (_upcast(learner_logprobs) - _upcast(rollout_logprobs)).abs()  # [B, L]
+        diff = torch.where(mask, diff, 0.0)  # |diff| >= 0, so padding cannot win the max
+        diff_max = diff.amax() if diff.numel() else diff.new_zeros(())
+        return {
+            "logprob_diff_mean": _token_mean(diff, mask).float(),
+            "logprob_diff_max": diff_max.float(),
+        }
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

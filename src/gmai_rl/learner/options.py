@@ -86,7 +86,17 @@ class LossOptions:
     """The rollout's sampling temperature: log-probs are scored under the same distribution (the
     run's config ties it to rollout.temperature)."""
     use_rollout_logprobs: bool = False
-    """Take old log-probs from the rollout engine instead of recomputing them here."""
+    """Take old log-probs from the rollout engine instead of recomputing them here (saves the
+    learner's scoring pass when it takes several mini-batches or epochs per batch; the clip is
+    then centred on the engine's policy). Not with behaviour_is_cap."""
+    behaviour_is_cap: float | None = None
+    """Off-policy correction (AReaL's decoupled PPO with veRL's truncated importance sampling,
+    gmai_rl.algo.loss.truncated_is_weights): the clip stays centred on the learner's own log-probs
+    of the batch at the start of the step (pi_prox), and each token's policy loss is weighted by
+    min(pi_prox / pi_behav, behaviour_is_cap), pi_behav being the rollout engine's log-probs. It
+    corrects for stale batches (algo.max_staleness) and for the engine's numerics (vLLM in bf16).
+    null: off, the plain clipped loss; 2 is veRL's usual cap; must be >= 1. Needs every sample's
+    rollout log-probs (both engines return them)."""
 
 
 @dataclass

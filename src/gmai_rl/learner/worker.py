@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gmai_rl.algo import policy_loss
+from gmai_rl.algo import logprob_mismatch, policy_loss
 from gmai_rl.learner.batching import RankBatch, chunk
 from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
@@ -276,14 +276,14 @@ class Learner:
         sums into means.
         """
         self.engine.train()
-        lo = self.loss_opts
         flat = [s for mb in plan.minibatches for s in mb]
         # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current
         # ones, so they are taken from the same forward pass (detached) instead of a second one.
         on_policy = self.opts.ppo_epochs == 1 and len(plan.minibatches) == 1
+        rollout = self._rollout_logprobs(flat)
         old: dict[int, torch.Tensor] = {}
-        if lo.use_rollout_logprobs:
-            old = {id(s): torch.tensor(s.rollout_logprobs or []) for s in flat}
+        if self.loss_opts.use_rollout_logprobs:
+            old = rollout
         elif not on_policy:
             for micro, lp in zip(
                 chunk(flat, self.opts.micro_batch_size), self._score(self.engine, flat), strict=True
@@ -299,14 +299,49 @@ class Learner:
                 micros = chunk(samples, self.opts.micro_batch_size)
                 for i, micro in enumerate(micros):
                     self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-                    accumulate(sums, self._rl_micro_step(micro, old, n_tok, n_seq))
+                    step = self._rl_micro_step(micro, old, rollout, on_policy, n_tok, n_seq)
+                    accumulate(sums, step)
                 accumulate(sums, self._optimizer_step())
                 sums["lr"] += lr
         return dict(sums)
 
+    def _rollout_logprobs(self, samples: Sequence[TrainSample]) -> dict[int, torch.Tensor]:
+        """Each sample's rollout log-probs (pi_behav), by `id(sample)`.
+
+        Empty when some sample has none (or not one per completion token) and the loss does not
+        need them: then no learner/rollout mismatch is logged. The loss needs them with
+        `use_rollout_logprobs` or `behaviour_is_cap`; then such a sample is an error.
+        """
+        lo = self.loss_opts
+        for s in samples:
+            have = len(s.rollout_logprobs or [])
+            if have == len(s.completion_ids):
+                continue
+            if not lo.use_rollout_logprobs and lo.behaviour_is_cap is None:
+                return {}
+            raise ValueError(
+                f"a sample of prompt {s.prompt.id!r} (policy version {s.policy_version}) has "
+                f"{have} rollout log-probs for {len(s.completion_ids)} completion tokens: "
+                "algo.loss.use_rollout_logprobs and algo.loss.behaviour_is_cap need the rollout "
+                "engine's log-prob of every completion token"
+            )
+        return {id(s): torch.tensor(s.rollout_logprobs or [], dtype=torch.float32) for s in samples}
+
     def _rl_micro_step(
-        self, micro: list[TrainSample], old: dict[int, torch.Tensor], n_tok: int, n_seq: int
+        self,
+        micro: list[TrainSample],
+        old: dict[int, torch.Tensor],
+        rollout: dict[int, torch.Tensor],
+        on_policy: bool,
+        n_tok: int,
+        n_seq: int,
     ) -> dict[str, float]:
+        """One forward/backward of the clipped loss on a micro-batch; its metric sums.
+
+        `old`: the log-probs the ratio is taken against, by sample (the rollout's under
+        `use_rollout_logprobs`, else the learner's own at the start of the step, pi_prox), or
+        empty when `on_policy` (then the current ones, detached). `rollout`: pi_behav, or empty.
+        """
         lo = self.loss_opts
         batch = build_policy_batch(self.processor, micro, self.pad_id)
         mask = batch.completion_mask.to(self.device)  # [b, C]
@@ -314,14 +349,28 @@ class Learner:
             self.engine, batch, lo.temperature, with_entropy=True
         )  # [b, C] each
         assert entropy is not None
-        old_logprobs = _pad_rows([old[id(s)] for s in micro], mask) if old else logprobs.detach()
+        old_logprobs = (
+            _pad_rows([old[id(s)] for s in micro], mask).to(self.device)
+            if old
+            else logprobs.detach()
+        )  # [b, C]
+        behaviour = (
+            _pad_rows([rollout[id(s)] for s in micro], mask).to(self.device) if rollout else None
+        )  # [b, C]
+        # The learner's own log-probs at the start of the step, to log the mismatch: the old ones
+        # unless they are the rollout's; then the current ones while no optimizer step has moved
+        # the policy (on-policy); unknown otherwise.
+        learner_start: torch.Tensor | None = old_logprobs
+        if lo.use_rollout_logprobs:
+            learner_start = logprobs.detach() if on_policy else None
         ref_logprobs = None
         if self.reference is not None:
             ref_logprobs = self._frozen_logprobs(self.reference, batch)
         advantages = torch.tensor([s.advantage for s in micro], device=self.device)  # [b]
+        corrected = lo.behaviour_is_cap is not None
         loss, metrics = policy_loss(
             logprobs,
-            old_logprobs.to(self.device),
+            old_logprobs,
             advantages,
             mask,
             ref_logprobs=ref_logprobs,
@@ -334,7 +383,11 @@ class Learner:
             num_tokens=n_tok,
             num_seqs=n_seq,
             norm_len=lo.norm_len,
+            behaviour_logprobs=behaviour if corrected else None,
+            behaviour_is_cap=lo.behaviour_is_cap,
         )
+        if behaviour is not None and learner_start is not None:
+            metrics.update(logprob_mismatch(learner_start, behaviour, mask))
         if not torch.isfinite(loss):
             loss = poisoned(loss, logprobs)
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of a global sum.
@@ -368,13 +421,12 @@ class Learner:
             )
         self.engine.train()
         (samples,) = plan.minibatches
-        old: dict[int, torch.Tensor] = {}
-        if self.loss_opts.use_rollout_logprobs:
-            old = {id(s): torch.tensor(s.rollout_logprobs or []) for s in samples}
+        rollout = self._rollout_logprobs(samples)
+        old = rollout if self.loss_opts.use_rollout_logprobs else {}
         micros = chunk(samples, self.opts.micro_batch_size)
         for i, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-            self._rl_micro_step(micro, old, plan.num_tokens[0], plan.num_seqs[0])
+            self._rl_micro_step(micro, old, rollout, True, plan.num_tokens[0], plan.num_seqs[0])
         grads = [
             (name, safe_get_full_grad(p).detach().cpu().clone())
             for name, p in self.engine.module.named_parameters()
