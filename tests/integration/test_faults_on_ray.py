@@ -14,7 +14,10 @@ test-faults`). One cluster for the module, faults in order, each followed by a f
 5. a learner rank killed: the training stage stops at once, naming it;
 6. one death more than `cluster.max_restarts` (4) allows: the run stops, naming the limit.
 
-NaN and Inf losses are injected into learner ranks directly:
+7. a NaN advantage in one sample (one rank's loss NaN): the step skipped on every rank and
+   counted, then learner.max_skipped_steps (3) such steps in a row stop training.
+
+The same NaN fault under ZeRO-0, -2 and -3, with the parameters compared across ranks:
 tests/integration/test_learner_numerics.py::test_a_nan_on_one_rank_skips_the_step_on_every_rank.
 """
 
@@ -26,6 +29,7 @@ import pytest
 
 from gmai_rl.cluster import ActorDiedError, StageTimeoutError
 from gmai_rl.feed import ItemSampler, load_datasets
+from gmai_rl.learner.rank_metrics import NonFiniteTrainingError
 from gmai_rl.loop import make_train_samples, rl_step, rollout_fn
 from gmai_rl.metrics import StageTimer, step_metrics
 from gmai_rl.sync.weights import checksums
@@ -189,6 +193,20 @@ def test_a_stalled_stage_stops_within_the_call_timeout_naming_stage_and_actor(tr
     assert f"{stage}: no answer from" in str(stopped.value) and name in str(stopped.value)
     assert f"within {CALL_TIMEOUT_S:g} s" in str(stopped.value)
     assert CALL_TIMEOUT_S <= waited < STALL_S  # bounded by the timeout, not by the stall
+
+
+def test_nan_losses_skip_the_step_on_every_rank_and_too_many_in_a_row_stop(trainer):
+    cfg, cluster, sampler = trainer
+    groups = rollout_fn(cluster, cfg, StageTimer())(sampler.take(cfg.algo.prompts_per_step))
+    samples = make_train_samples(groups, "grpo")
+    samples[-1].advantage = float("nan")  # one rank's loss turns NaN, the others' stay finite
+    before = checksums(cluster.learner_weights().items())
+    for in_a_row in (1, 2):
+        metrics = cluster.train(samples, 1)
+        assert (metrics["skipped_steps"], metrics["optim_steps"]) == (1, 0), in_a_row
+        assert checksums(cluster.learner_weights().items()) == before  # nothing stepped
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row"):
+        cluster.train(samples, 1)
 
 
 def test_a_learner_rank_that_dies_in_training_stops_the_stage_at_once_naming_it(trainer):
