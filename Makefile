@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow test-faults test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
+.PHONY: install test test-slow test-faults bench test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test-slow: install
 # Bad data and reward faults are unit tests of the default run.
 test-faults: install
 	$(PY) -m pytest -m faults
+
+# CPU benchmarks, each printing a table (docs/benchmarks.md holds them with their dates): the
+# asynchronous pipeline's step time (~7 min), the weight push over a bucket-size sweep (~2 min).
+bench: install
+	$(PY) benchmarks/async_pipeline.py --steps 20
+	$(PY) benchmarks/sync_bench.py --params 1e8 --tensor-numel 3e5 --receivers 2 --bucket-mb 0.5 64 512
 
 # Training as users launch it: `ray start --head` on this machine (its own ports and temporary
 # folder, stopped at the end), jobs through launch/submit.sh, a hydra multirun, a run killed with
