@@ -25,10 +25,15 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
-# Faults injected into a running trainer on a local Ray cluster (a rollout worker SIGKILLed...).
-# Bad data and reward faults are unit tests of the default run.
+# Faults injected into a running trainer on a local Ray cluster (workers SIGKILLed, stalls, hangs,
+# NaN losses), then the bad-data and security faults (also in the default run: here so that
+# this target covers every fault the trainer handles).
+FAULT_FILES = tests/unit/test_data_loader.py tests/unit/test_data_image_checks.py \
+	tests/unit/test_rollout_dropped_images.py tests/unit/test_loop_dropped_prompts.py \
+	tests/integration/test_dropped_images_on_cpu.py tests/unit/test_security.py
 test-faults: install
 	$(PY) -m pytest -m faults
+	$(PY) -m pytest -q $(FAULT_FILES)
 
 # CPU benchmarks, each printing a table (docs/benchmarks.md holds them with their dates): the
 # asynchronous pipeline's step time (~7 min), the weight push over a bucket-size sweep (~2 min).

@@ -1025,11 +1025,21 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
     save) the other actors would otherwise sit in a collective with a dead peer until their own
     timeouts, and the driver with them.
     """
+    results: dict[int, Any] = {}
+    for i, outcome in _each_outcome(stage, calls, timeout_s):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results[i] = outcome
+    return [results[i] for i in range(len(calls))]
+
+
+def _each_outcome(stage: str, calls: list[Call], timeout_s: float) -> Iterator[tuple[int, Any]]:
+    """(index, `_outcome`) of each of `calls` as it finishes; `StageTimeoutError` naming the
+    calls still running once `timeout_s` has passed."""
     import ray
 
     deadline = time.monotonic() + timeout_s
     index = {ref: i for i, (_, ref) in enumerate(calls)}
-    results: dict[int, Any] = {}
     pending = list(index)
     while pending:
         left = max(0.0, deadline - time.monotonic())
@@ -1037,11 +1047,7 @@ def _await(stage: str, calls: list[Call], timeout_s: float) -> list[Any]:
         if not ready:
             _raise_timeout(stage, [calls[index[ref]][0] for ref in pending], timeout_s)
         for ref in ready:
-            (outcome,) = _gather(stage, [calls[index[ref]]])
-            if _died(outcome):
-                raise outcome
-            results[index[ref]] = outcome
-    return [results[i] for i in range(len(calls))]
+            yield index[ref], _outcome(stage, *calls[index[ref]])
 
 
 def _await_collective(
@@ -1055,22 +1061,11 @@ def _await_collective(
     them), then `RolloutsDiedError` names the dead. Without a death, the first failure is
     raised once every call has ended.
     """
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    index = {ref: i for i, (_, ref) in enumerate(calls)}
     outcomes: dict[int, Any] = {}
-    pending = list(index)
-    while pending:
-        left = max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            _raise_timeout(stage, [calls[index[ref]][0] for ref in pending], timeout_s)
-        for ref in ready:
-            i = index[ref]
-            outcomes[i] = _outcome(stage, *calls[i])
-            if _died(outcomes[i]) and i < replaceable:
-                raise outcomes[i]
+    for i, outcome in _each_outcome(stage, calls, timeout_s):
+        if _died(outcome) and i < replaceable:
+            raise outcome
+        outcomes[i] = outcome
     dead = {i - replaceable: o for i, o in outcomes.items() if _died(o)}
     if dead:
         raise RolloutsDiedError(dead)
