@@ -364,7 +364,7 @@ class Pipeline:
             batch = self.collect()
             self.next_batch = step + 1
             collected_here.append(batch)
-        staleness_max = check_staleness(
+        check_staleness(
             cluster.version, [g.policy_version for g in batch.groups], cfg.algo.max_staleness
         )
         ahead = batches_to_prefetch(
@@ -394,7 +394,6 @@ class Pipeline:
             cluster.reward_restarts - restarts_before[1],
             wall_s=time.perf_counter() - started,
             rollout_busy_s=sum(b.timer.seconds.get("generate", 0.0) for b in collected_here),
-            staleness_max=staleness_max,
         )
 
     def _collect_ahead(self, steps: list[int]) -> Future[list[Batch]] | None:
