@@ -1,11 +1,25 @@
-"""Time one weight push between local processes: `python benchmarks/sync_bench.py`.
+"""Time one weight push between local processes against the raw broadcast: `python benchmarks/sync_bench.py`.
 
-A one-off measurement, not a test. One sender and `--receivers` receivers on this machine form a
-sync group; the sender holds `--params` parameters in tensors of `--tensor-numel` elements, and
-each bucket size in `--bucket-mb` is timed over `--repeats` pushes. Receivers copy every tensor
-into their own preallocated parameters, as an engine's loader would, so the time covers
-flatten -> broadcast -> unflatten -> copy. NCCL needs one GPU per member (a 1-GPU machine cannot
-run it with a receiver).
+A measurement, not a test. One sender and `--receivers` receivers on this machine form a sync
+group (`init_sync_group`, as the trainer does); the sender holds `--params` parameters in tensors
+of `--tensor-numel` elements. Every member pins its torch threads (`--threads`, default 1: the
+trainer's `learner.torch_threads` / `rollout.torch_threads`), or three processes on two cores
+fight over 2 x 2 OpenMP threads and the push takes ~10x longer. Rows, each over `--repeats`
+pushes, all in one run:
+
+- raw flat: one `broadcast` of the whole model as one preallocated flat tensor: the wire's limit,
+  no copies on either side;
+- raw per-tensor: one `broadcast` per parameter, straight from and into the parameters: no
+  copies, one collective per tensor;
+- receiver copy: a receiver's `copy_` of every tensor into its parameters, timed on its own (what
+  any loader pays on top of the wire);
+- ours: `send_weights` / `receive_weights` over each bucket size in `--bucket-mb` (flatten, cast,
+  broadcast, unflatten, and the receiver's copy into its parameters, as an engine's loader does),
+  with the bucket buffers kept across pushes as the trainer keeps them (`FlatBuffers`), and with
+  `--fresh-buffers` also with a new buffer per bucket and push (the code before they were kept).
+
+The goal column compares ours to raw per-tensor + receiver copy. NCCL needs one GPU per member (a
+1-GPU machine cannot run it with a receiver).
 """
 
 from __future__ import annotations
@@ -13,15 +27,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing as mp
+import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from gmai_rl.sync.buckets import Bucket, TensorSpec, plan_buckets
-from gmai_rl.sync.group import find_free_port, init_sync_group
+from gmai_rl.sync.buffers import FlatBuffers
+from gmai_rl.sync.group import SyncGroup, find_free_port, init_sync_group
 from gmai_rl.sync.weights import OpenBucket, receive_weights, send_weights
+
+RAW_FLAT = "raw flat"
+RAW_PER_TENSOR = "raw per-tensor"
+RECEIVER_COPY = "receiver copy"
 
 
 def make_specs(n_params: int, tensor_numel: int, dtype: str) -> list[TensorSpec]:
@@ -38,36 +58,86 @@ def _device(backend: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
 
 
+def _raw_flat(group: SyncGroup, flat: torch.Tensor) -> Callable[[], None]:
+    return lambda: group.broadcast(flat, src=0)
+
+
+def _raw_per_tensor(group: SyncGroup, params: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def push() -> None:
+        for tensor in params.values():
+            group.broadcast(tensor, src=0)
+
+    return push
+
+
+def _receiver_copy(params: dict[str, torch.Tensor]) -> Callable[[], None]:
+    # A second set of tensors stands for the received ones; the copy is what a loader adds.
+    incoming = {name: torch.randn_like(t) for name, t in params.items()}
+
+    def copy() -> None:
+        for name, tensor in incoming.items():
+            params[name].copy_(tensor)
+
+    return copy
+
+
+def _ours(
+    group: SyncGroup, plan: list[Bucket], params: dict[str, torch.Tensor], keep: bool
+) -> Callable[[], None]:
+    # keep: buffers kept across pushes, as the trainer's learner and HF rollout workers do.
+    buffers = FlatBuffers() if keep else None
+
+    def push() -> None:
+        if group.rank == 0:
+            send_weights(group, plan, _open_from(params), buffers=buffers)
+        else:
+            for name, tensor in receive_weights(group, plan, buffers=buffers):
+                params[name].copy_(tensor)
+
+    return push
+
+
 def _member(
     rank: int,
     world: int,
     port: int,
-    backend: str,
-    plans: list[list[Bucket]],
-    repeats: int,
+    args: argparse.Namespace,
+    specs: list[TensorSpec],
     out: Any,
 ) -> None:
-    if backend == "nccl":
+    torch.set_num_threads(args.threads)
+    if args.backend == "nccl":
         torch.cuda.set_device(rank)
-    device = _device(backend, rank)
-    specs = [s for bucket in plans[0] for s in bucket.specs]
+    device = _device(args.backend, rank)
     params = {
         s.name: torch.randn(s.shape, device=device).to(getattr(torch, s.dtype)) for s in specs
     }
-    group = init_sync_group("127.0.0.1", port, rank, world, backend, timeout_s=600, device=device)
-    timings = []
-    for plan in plans:
-        for _ in range(repeats):
-            group.barrier()
+    flat = torch.cat([t.reshape(-1) for t in params.values()])
+    group = init_sync_group(
+        "127.0.0.1", port, rank, world, args.backend, timeout_s=600, device=device
+    )
+    runs: list[tuple[str, Callable[[], None]]] = [
+        (RAW_FLAT, _raw_flat(group, flat)),
+        (RAW_PER_TENSOR, _raw_per_tensor(group, params)),
+    ]
+    if rank == 1:
+        runs.append((RECEIVER_COPY, _receiver_copy(params)))
+    for mb in args.bucket_mb:
+        plan = plan_buckets(specs, int(mb * 2**20))
+        runs.append((f"ours, {mb:g} MB buckets", _ours(group, plan, params, keep=True)))
+        if args.fresh_buffers:
+            label = f"ours, {mb:g} MB buckets, fresh buffers"
+            runs.append((label, _ours(group, plan, params, keep=False)))
+    timings: dict[str, list[float]] = {}
+    for label, action in runs:
+        for _ in range(args.repeats):
+            if label != RECEIVER_COPY:
+                group.barrier()
             start = time.perf_counter()
-            if rank == 0:
-                send_weights(group, plan, _open_from(params))
-            else:
-                for name, tensor in receive_weights(group, plan):
-                    params[name].copy_(tensor)
+            action()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            timings.append(time.perf_counter() - start)
+            timings.setdefault(label, []).append(time.perf_counter() - start)
     group.barrier()
     group.destroy()
     out.put((rank, timings))
@@ -81,31 +151,61 @@ def _open_from(params: dict[str, torch.Tensor]) -> OpenBucket:
     return open_bucket
 
 
+def push_seconds(timings: dict[int, dict[str, list[float]]], label: str) -> float:
+    """Median over the repeats of the slowest member's time: a push is done when all are."""
+    members = [t[label] for t in timings.values() if label in t]
+    return statistics.median(max(values) for values in zip(*members, strict=True))
+
+
+def table(
+    timings: dict[int, dict[str, list[float]]], total_bytes: int, plans: dict[str, int]
+) -> str:
+    """The markdown table: each row's seconds, GB/s and its ratio to raw per-tensor + copy."""
+    limit = push_seconds(timings, RAW_PER_TENSOR) + push_seconds(timings, RECEIVER_COPY)
+    lines = [
+        "| transfer | collectives | s per push | GB/s | vs raw per-tensor + copy |",
+        "|---|---|---|---|---|",
+    ]
+    for label in timings[0] | timings.get(1, {}):
+        seconds = push_seconds(timings, label)
+        count = plans.get(label, "-")
+        ratio = f"{seconds / limit:.2f}x" if label.startswith("ours") else "-"
+        lines.append(
+            f"| {label} | {count} | {seconds:.3f} | {total_bytes / seconds / 1e9:.2f} | {ratio} |"
+        )
+    lines.append(f"| raw per-tensor + receiver copy | - | {limit:.3f} | - | 1.00x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=100e6)
-    parser.add_argument("--tensor-numel", type=float, default=4e6)
+    parser.add_argument("--tensor-numel", type=float, default=3e5)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--bucket-mb", type=float, nargs="+", default=[256.0])
-    parser.add_argument("--receivers", type=int, default=1)
+    parser.add_argument("--bucket-mb", type=float, nargs="+", default=[0.5, 64.0, 512.0])
+    parser.add_argument("--receivers", type=int, default=2)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per member")
+    parser.add_argument(
+        "--fresh-buffers",
+        action="store_true",
+        help="also time each bucket size with a new buffer per bucket and push (no FlatBuffers)",
+    )
     args = parser.parse_args()
 
     specs = make_specs(int(args.params), int(args.tensor_numel), args.dtype)
-    plans = [plan_buckets(specs, int(mb * 1024**2)) for mb in args.bucket_mb]
     world = 1 + args.receivers
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = find_free_port()
     procs = [
-        ctx.Process(target=_member, args=(r, world, port, args.backend, plans, args.repeats, out))
-        for r in range(world)
+        ctx.Process(target=_member, args=(r, world, port, args, specs, out)) for r in range(world)
     ]
     try:
         for proc in procs:
             proc.start()
-        results = dict(out.get(timeout=1800) for _ in procs)
+        timings = dict(out.get(timeout=1800) for _ in procs)
     finally:
         for proc in procs:
             proc.join(timeout=30)
@@ -113,20 +213,16 @@ def main() -> None:
                 proc.kill()
                 proc.join()
     total_bytes = sum(s.nbytes for s in specs)
+    plans: dict[str, int] = {RAW_FLAT: 1, RAW_PER_TENSOR: len(specs)}
+    for mb in args.bucket_mb:
+        count = len(plan_buckets(specs, int(mb * 2**20)))
+        plans[f"ours, {mb:g} MB buckets"] = plans[f"ours, {mb:g} MB buckets, fresh buffers"] = count
     print(
         f"{args.backend}: {sum(s.numel for s in specs) / 1e6:.1f}M {args.dtype} params "
         f"({total_bytes / 1e9:.2f} GB) in {len(specs)} tensors, 1 sender -> {args.receivers} "
-        f"receiver(s), {args.repeats} pushes per bucket size"
+        f"receiver(s), {args.threads} torch thread(s) each, median of {args.repeats} pushes"
     )
-    for index, (mb, plan) in enumerate(zip(args.bucket_mb, plans, strict=True)):
-        window = slice(index * args.repeats, (index + 1) * args.repeats)
-        sender = results[0][window]
-        slowest = [max(results[r][window][i] for r in range(world)) for i in range(args.repeats)]
-        print(
-            f"  bucket {mb:g} MB ({len(plan)} buckets): sender {min(sender):.3f} s best / "
-            f"{sum(sender) / len(sender):.3f} s mean; all members done {min(slowest):.3f} s best "
-            f"-> {total_bytes / min(slowest) / 1e9:.2f} GB/s"
-        )
+    print(table(timings, total_bytes, plans))
 
 
 if __name__ == "__main__":

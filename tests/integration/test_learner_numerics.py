@@ -172,14 +172,19 @@ def test_gradient_comparison_tells_flipped_advantages_apart(model_case):
     assert gradient_mismatches(expected, expected) == []
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_with_micro_batches_match_one_full_batch(local_ray, model_case, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "pack"), [(2, False), (3, False), (3, True)])
+def test_two_ranks_with_micro_batches_match_one_full_batch(local_ray, model_case, zero_stage, pack):
     model_dir, samples = model_case
-    expected = reference_gradients(model_dir, samples)
+    expected = reference_gradients(model_dir, samples)  # padded, one batch, no DeepSpeed
     # Chunks of 4 completion tokens: the LM head runs (and is recomputed in backward) several
-    # times per micro-batch, each time on a weight ZeRO-3 must gather.
+    # times per micro-batch, each time on a weight ZeRO-3 must gather. pack: each micro-batch's
+    # samples in one row without padding (learner.pack_sequences).
     opts = LearnerOptions(
-        zero_stage=zero_stage, micro_batch_size=2, num_minibatches=1, logprob_chunk_size=4
+        zero_stage=zero_stage,
+        micro_batch_size=2,
+        num_minibatches=1,
+        logprob_chunk_size=4,
+        pack_sequences=pack,
     )
     ranks = start_ranks(model_dir, opts)
     try:

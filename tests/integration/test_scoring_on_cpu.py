@@ -1,6 +1,8 @@
 """The learner's completion scoring (`models.scoring`) equals the full-forward reference, in values
 and gradients, and its vocabulary-sized memory depends on the chunk, not on the prompt."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from gmai_rl.data import load_mcq_jsonl
 from gmai_rl.feed import sft_samples
 from gmai_rl.models.inputs import PolicyBatch, build_policy_batch, completion_logits
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.models.scoring import completion_scores
+from gmai_rl.models.scoring import completion_scores, packed_for
 from gmai_rl.models.tokens import vision_token_ids
 from support import autograd_memory
 
@@ -164,3 +166,49 @@ def test_the_head_module_is_called_once_whatever_the_number_of_chunks():
     logprobs.sum().backward()
     assert calls == [16] and backwards == [16]
     assert head.forward.__func__ is torch.nn.Linear.forward  # the module's own forward is back
+
+
+def assert_packed_equals_padded(model, batch):
+    """Scores and gradients of the packed batch equal the padded batch's, up to rounding."""
+    weights = torch.randn(batch.completion_mask.shape, generator=torch.Generator().manual_seed(0))
+    padded, _ = completion_scores(model, batch, 0.9)
+    padded_grads = grads_of(model, padded, weights)
+    packed_batch = packed_for(model, batch)
+    assert packed_batch.model_inputs["input_ids"].shape == (
+        1,
+        int(batch.model_inputs["attention_mask"].sum()),
+    )  # one row, no padding
+    assert "attention_mask" not in packed_batch.model_inputs
+    packed, _ = completion_scores(model, packed_batch, 0.9)
+    packed_grads = grads_of(model, packed, weights)
+    assert torch.allclose(packed, padded, atol=1e-5)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    return packed_batch
+
+
+def test_packed_text_batch_scores_and_gradients_equal_the_padded_batch():
+    model = text_model(vocab_size=300)
+    batch = random_batch(300, prompt_lens=[7, 12, 3], completion_lens=[5, 2, 9])
+    packed_batch = assert_packed_equals_padded(model, batch)
+    # The control: positions that do not restart let every sample attend to the ones before it.
+    joined = dict(packed_batch.model_inputs)
+    joined["position_ids"] = torch.arange(joined["input_ids"].shape[1]).unsqueeze(0)
+    leaked, _ = completion_scores(model, dataclasses.replace(packed_batch, model_inputs=joined))
+    first = batch.completion_mask[0].bool()
+    assert torch.allclose(leaked[0][first], completion_scores(model, batch)[0][0][first])
+    assert not torch.allclose(leaked[1:], completion_scores(model, batch)[0][1:], atol=1e-3)
+
+
+def test_packed_vision_language_batch_equals_the_padded_batch(tiny_model_dir, synthetic_dir):
+    options = ModelOptions(tiny_model_dir)
+    processor, model = load_processor(options), load_model(options)
+    tokenizer = tokenizer_of(processor)
+    samples = sft_samples(load_mcq_jsonl(synthetic_dir / "sft.jsonl")[:4], tokenizer, None)
+    for i, s in enumerate(samples):  # ragged completions: padding to remove
+        s.completion_ids = s.completion_ids[: 4 + 3 * i]
+    batch = build_policy_batch(processor, samples, tokenizer.pad_token_id)
+    packed_batch = assert_packed_equals_padded(model, batch)
+    positions = packed_batch.model_inputs["position_ids"]
+    assert positions.shape[:2] == (4, 1)  # text positions for the mask, then M-RoPE's three rows
+    assert not torch.equal(positions[1], positions[2])  # the image's height/width positions

@@ -129,6 +129,12 @@ class LearnerOptions:
     trainer.seed."""
     torch_threads: int = 1
     """Intra-op threads of this process on CPU (keep ranks x threads <= cores)."""
+    pack_sequences: bool = False
+    """Remove the padding from every micro-batch: its samples back to back in one row, each
+    attending only to itself (models.inputs.pack_policy_batch). Pays with
+    model.attn_implementation=flash_attention_2 on GPU (variable-length attention, no pad
+    tokens computed); with SDPA, as on CPU, the row's attention is one dense masked matrix, and
+    on the demo it made the learner 3x slower (benchmarks/RESULTS.md, learner throughput)."""
     logprob_chunk_size: int = 512
     """Completion tokens per chunk of the fused LM head when the learner scores completions. The
     vocabulary-sized memory is a few chunks of fp32 logits (chunk x V x 4 bytes each: 311 MB at

@@ -32,9 +32,10 @@ from gmai_rl.learner.schedule import lr_at
 from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
 from gmai_rl.models.inputs import PolicyBatch, build_policy_batch
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.models.scoring import completion_scores, forward_replaced
+from gmai_rl.models.scoring import completion_scores, forward_replaced, packed_for
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
+from gmai_rl.sync.buffers import FlatBuffers
 from gmai_rl.sync.group import SyncGroup, init_sync_group
 from gmai_rl.sync.weights import DEFAULT_MAX_IN_FLIGHT, param_specs, push_weights
 from gmai_rl.types import TrainSample
@@ -149,6 +150,7 @@ class Learner:
         self.optim_step = 0
         self.skipped_in_a_row = 0
         self.sync_group: SyncGroup | None = None
+        self.sync_buffers = FlatBuffers()  # rank 0's flat buckets, kept across pushes on CPU
 
     def _load_device(self, ds_config: dict[str, Any]) -> str | None:
         """Where a model's weights are loaded: straight onto this rank's GPU when it holds them
@@ -244,12 +246,15 @@ class Learner:
         logprobs, _ = self._completion_scores(engine, batch, self.loss_opts.temperature)
         return logprobs.float()
 
+    def _policy_batch(self, micro: Sequence[TrainSample]) -> PolicyBatch:
+        """A micro-batch's inputs: right-padded, or packed into one row (pack_sequences)."""
+        batch = build_policy_batch(self.processor, micro, self.pad_id)
+        return packed_for(self.engine.module, batch) if self.opts.pack_sequences else batch
+
     def _score(self, module: Any, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
         """Per-micro-batch [b, C] log-probs of the samples' completions under `module`, on CPU."""
         return [
-            self._frozen_logprobs(
-                module, build_policy_batch(self.processor, micro, self.pad_id)
-            ).cpu()
+            self._frozen_logprobs(module, self._policy_batch(micro)).cpu()
             for micro in chunk(samples, self.opts.micro_batch_size)
         ]
 
@@ -343,7 +348,7 @@ class Learner:
         empty when `on_policy` (then the current ones, detached). `rollout`: pi_behav, or empty.
         """
         lo = self.loss_opts
-        batch = build_policy_batch(self.processor, micro, self.pad_id)
+        batch = self._policy_batch(micro)
         mask = batch.completion_mask.to(self.device)  # [b, C]
         logprobs, entropy = self._completion_scores(
             self.engine, batch, lo.temperature, with_entropy=True
@@ -446,7 +451,7 @@ class Learner:
         micros = chunk(samples, self.opts.micro_batch_size)
         for i, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-            batch = build_policy_batch(self.processor, micro, self.pad_id)
+            batch = self._policy_batch(micro)
             mask = batch.completion_mask.to(self.device)
             logprobs, _ = self._completion_scores(self.engine, batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens
@@ -530,7 +535,15 @@ class Learner:
         `max_in_flight`: `sync.max_buckets_in_flight`."""
         group = self.sync_group if self.rank == 0 else None
         module, stage = self.engine.module, self.opts.zero_stage
-        return push_weights(module, plan, group, stage, verify=verify, max_in_flight=max_in_flight)
+        return push_weights(
+            module,
+            plan,
+            group,
+            stage,
+            verify=verify,
+            max_in_flight=max_in_flight,
+            buffers=self.sync_buffers,
+        )
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Full (gathered) parameters on CPU; collective under ZeRO-3: call on every rank."""

@@ -90,6 +90,8 @@ class PolicyBatch:
     """[B, C] 1.0 on real completion tokens."""
     logit_index: torch.Tensor
     """[B, C] position in the sequence whose logits predict completion token (b, c)."""
+    row_of: torch.Tensor | None = None
+    """[B] the input row holding each sample (`pack_policy_batch`: all in row 0); None: row b."""
 
     def to(self, device: torch.device | str) -> PolicyBatch:
         """The same batch with every tensor on `device`."""
@@ -98,6 +100,7 @@ class PolicyBatch:
             self.completion_ids.to(device),
             self.completion_mask.to(device),
             self.logit_index.to(device),
+            self.row_of.to(device) if self.row_of is not None else None,
         )
 
 
@@ -157,6 +160,55 @@ def build_policy_batch(
         model_inputs["pixel_values"] = torch.cat(pixel_values)
         model_inputs["image_grid_thw"] = torch.cat(grids)
     return PolicyBatch(model_inputs, completion_ids, completion_mask, logit_index)
+
+
+def pack_policy_batch(
+    batch: PolicyBatch, vision_positions: torch.Tensor | None = None, multimodal: bool = False
+) -> PolicyBatch:
+    """The batch's samples back to back in one row, without padding (sequence packing).
+
+    Padding costs a forward and backward of every pad token. Packed, the row holds only real
+    tokens, and position ids that restart at 0 for each sample tell transformers (>= 5.x,
+    `masking_utils.find_packed_sequence_indices`, with no attention mask) to keep each sample's
+    attention to itself: with flash-attention 2 as variable-length attention (no wasted work),
+    with SDPA or eager as a block-diagonal mask over the whole row (dense: its cost grows with
+    the row's length squared, so on CPU packing only pays where padding outweighs that).
+
+    Args:
+        batch: from `build_policy_batch` (right-padded, with an attention mask).
+        vision_positions: `[3, B, L]` M-RoPE positions of the padded batch, from the model's
+            `get_rope_index` (`models.scoring.rope_positions`); None: no images in the batch.
+        multimodal: the model is of the Qwen2-VL family, which takes `[4, 1, T]` position ids
+            (text positions for the mask, then its three M-RoPE rows); else `[1, T]`.
+
+    Returns:
+        A batch of one input row of T = real tokens; `row_of` is 0 for every sample and
+        `logit_index` points into the row. Scores equal the padded batch's up to rounding.
+    """
+    inputs = batch.model_inputs
+    real = inputs["attention_mask"].bool()  # [B, L]
+    lengths = real.sum(1)  # [B]
+    starts = torch.cumsum(lengths, 0) - lengths  # [B]
+    total = int(lengths.sum())
+    text_positions = torch.cat([torch.arange(int(n)) for n in lengths]).unsqueeze(0)  # [1, T]
+    packed: dict[str, torch.Tensor] = {"input_ids": inputs["input_ids"][real].unsqueeze(0)}
+    if "mm_token_type_ids" in inputs:
+        packed["mm_token_type_ids"] = inputs["mm_token_type_ids"][real].unsqueeze(0)
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in inputs:
+            packed[key] = inputs[key]
+    if multimodal:
+        rope = (
+            vision_positions[:, real].unsqueeze(1)  # [3, 1, T]
+            if vision_positions is not None
+            else text_positions.unsqueeze(0).expand(3, 1, -1)
+        )
+        packed["position_ids"] = torch.cat([text_positions.unsqueeze(0), rope])  # [4, 1, T]
+    else:
+        packed["position_ids"] = text_positions
+    logit_index = (batch.logit_index + starts[:, None]).clamp(max=total - 1)  # [B, C]
+    row_of = torch.zeros(len(lengths), dtype=torch.long)
+    return PolicyBatch(packed, batch.completion_ids, batch.completion_mask, logit_index, row_of)
 
 
 def completion_logits(logits: torch.Tensor, logit_index: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from gmai_rl.algo import linear_token_logprobs
 from gmai_rl.algo.logprobs import DEFAULT_CHUNK_SIZE
-from gmai_rl.models.inputs import PolicyBatch
+from gmai_rl.models.inputs import PolicyBatch, pack_policy_batch
 
 # Config fields by which some architectures transform the LM head's output inside `forward`
 # (Gemma-2 soft-capping, Cohere's and Granite's scaling); applying the head alone would miss it.
@@ -74,7 +74,8 @@ def completion_scores(
     hidden = backbone(**batch.model_inputs, use_cache=False).last_hidden_state  # [B, L, H]
     mask = batch.completion_mask.bool()  # [B, C]
     b, c = mask.nonzero(as_tuple=True)  # [N] each
-    rows = hidden[b, batch.logit_index[b, c]]  # [N, H]
+    row = batch.row_of[b] if batch.row_of is not None else b  # [N]
+    rows = hidden[row, batch.logit_index[b, c]]  # [N, H]
     tokens = batch.completion_ids[b, c]  # [N]
 
     def fused_head(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,6 +92,28 @@ def completion_scores(
     if entropy is None:
         return grid, None
     return grid, entropy.new_zeros(mask.shape).index_put((b, c), entropy)
+
+
+def rope_positions(model: Any, batch: PolicyBatch) -> torch.Tensor | None:
+    """`[3, B, L]` M-RoPE positions of a padded batch with images (Qwen2-VL family), as the
+    model computes them inside its forward; None without images or for other models."""
+    inputs = batch.model_inputs
+    get_rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    if get_rope_index is None or "image_grid_thw" not in inputs:
+        return None
+    positions, _ = get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
+    return positions  # type: ignore[no-any-return]
+
+
+def packed_for(model: Any, batch: PolicyBatch) -> PolicyBatch:
+    """`pack_policy_batch` of a padded batch for `model` (its position-id layout)."""
+    multimodal = hasattr(getattr(model, "model", None), "get_rope_index")
+    return pack_policy_batch(batch, rope_positions(model, batch), multimodal)
 
 
 @contextmanager

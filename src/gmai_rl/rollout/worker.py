@@ -29,6 +29,7 @@ from gmai_rl.models.loading import ModelOptions
 from gmai_rl.rollout.base import EngineBrokenError, RolloutEngine, SyncingEngine
 from gmai_rl.rollout.options import Backend, Device
 from gmai_rl.sync.buckets import Bucket
+from gmai_rl.sync.buffers import FlatBuffers
 from gmai_rl.sync.group import SyncGroup, init_sync_group
 from gmai_rl.sync.weights import checksums, receive_weights
 from gmai_rl.types import Group, Prompt, SamplingParams
@@ -130,6 +131,7 @@ class RolloutWorker:
         self.engine = make_engine(backend, model, device, **kwargs)
         self.max_batch_prompts = max_batch_prompts
         self.group: SyncGroup | None = None
+        self.sync_buffers = FlatBuffers()  # the received bucket, kept across pushes on CPU
         self._engine_synced = False
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
@@ -221,7 +223,9 @@ class RolloutWorker:
         else:
             if self.group is None:
                 raise RuntimeError("receive_weights before join_sync_group")
-            out = {"loaded": self.engine.load_weights(receive_weights(self.group, plan))}
+            # The HF engine's loader copies each tensor at once: one kept buffer serves.
+            weights = receive_weights(self.group, plan, buffers=self.sync_buffers)
+            out = {"loaded": self.engine.load_weights(weights)}
             if verify:
                 out["checksums"] = self.weight_checksums(plan)
         self.engine.policy_version += 1

@@ -1,6 +1,8 @@
 """Learner -> rollout weight broadcast.
 
 - `buckets`: the bucket plan (pure data) and flatten/unflatten.
+- `buffers`: `FlatBuffers`, bucket buffers kept from push to push on CPU (where a fresh large
+  buffer is page-faulted in every time).
 - `group`: `SyncGroup`, a process group of learner rank 0 + the rollout workers that lives beside
   each member's own torch.distributed world (gloo on CPU, NCCL on GPU).
 - `inflight`: the window of started-but-unfinished broadcasts that bounds the sender's memory
@@ -20,6 +22,7 @@ from gmai_rl.sync.buckets import (
     plan_fingerprint,
     unflatten,
 )
+from gmai_rl.sync.buffers import FlatBuffers
 from gmai_rl.sync.group import (
     SyncGroup,
     SyncGroupError,
@@ -39,6 +42,7 @@ from gmai_rl.sync.weights import (
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "Bucket",
+    "FlatBuffers",
     "PlanMismatchError",
     "SyncGroup",
     "SyncGroupError",

@@ -159,24 +159,37 @@ def plan_fingerprint(plan: Sequence[Bucket]) -> bytes:
 
 
 def flatten(
-    bucket: Bucket, tensors: Sequence[torch.Tensor], device: torch.device | str | None = None
+    bucket: Bucket,
+    tensors: Sequence[torch.Tensor],
+    device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Copy a bucket's tensors into one new flat buffer, cast to the bucket's dtype.
+    """Copy a bucket's tensors into one flat buffer, cast to the bucket's dtype.
 
     Args:
         bucket: the layout.
         tensors: one tensor per spec, in `bucket.specs` order, each with `spec.numel` elements
             (any shape with that many elements, any dtype: `copy_` casts, e.g. fp32 -> bf16).
-        device: where the buffer lives; default: the first tensor's device.
+        device: where a new buffer lives; default: the first tensor's device.
+        out: a `[bucket.numel]` buffer of `bucket.dtype` to fill instead of a new one (see
+            `gmai_rl.sync.buffers`).
 
     Returns:
-        `[bucket.numel]` tensor of `bucket.dtype`, owned by the caller (no aliasing of `tensors`).
+        `[bucket.numel]` tensor of `bucket.dtype` (`out` when given; no aliasing of `tensors`).
     """
     if len(tensors) != len(bucket.specs):
         raise ValueError(f"bucket has {len(bucket.specs)} tensors, got {len(tensors)}")
-    if device is None:
-        device = tensors[0].device if tensors else "cpu"
-    flat = torch.empty(bucket.numel, dtype=torch_dtype(bucket.dtype), device=device)
+    if out is not None:
+        if out.shape != (bucket.numel,) or out.dtype != torch_dtype(bucket.dtype):
+            raise ValueError(
+                f"out must be a [{bucket.numel}] {bucket.dtype} buffer, got "
+                f"{tuple(out.shape)} {out.dtype}"
+            )
+        flat = out
+    else:
+        if device is None:
+            device = tensors[0].device if tensors else "cpu"
+        flat = torch.empty(bucket.numel, dtype=torch_dtype(bucket.dtype), device=device)
     for spec, start, tensor in zip(bucket.specs, bucket.offsets(), tensors, strict=True):
         if tensor.numel() != spec.numel:
             raise ValueError(
@@ -197,8 +210,8 @@ def unflatten(bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tenso
     Returns:
         (name, tensor) in `bucket.specs` order. The tensors are VIEWS into `flat`: no copy, and
         each keeps the whole buffer alive while referenced. That is safe as long as nobody writes
-        into `flat` afterwards (`receive_weights` allocates a fresh buffer per bucket for this
-        reason); a loader that stores a tensor instead of copying it should `.clone()` it, or it
+        into `flat` afterwards (`receive_weights` reuses a buffer only for a loader that has
+        copied the previous bucket's tensors); a loader that stores a tensor instead of copying it should `.clone()` it, or it
         pins the bucket's whole memory for one tensor.
     """
     if flat.dim() != 1 or flat.numel() != bucket.numel:

@@ -27,6 +27,7 @@ from gmai_rl.sync.buckets import (
     torch_dtype,
     unflatten,
 )
+from gmai_rl.sync.buffers import FlatBuffers
 from gmai_rl.sync.inflight import SYSTEM_CLOCK, Clock, InFlight, Transfer
 
 # Opens one bucket on the sender: a context in which the bucket's tensors are full and readable
@@ -92,6 +93,7 @@ def send_weights(
     *,
     verify: bool = False,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    buffers: FlatBuffers | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> dict[str, str] | None:
     """Push every bucket of `plan`: the loop every learner rank runs.
@@ -115,6 +117,9 @@ def send_weights(
         verify: also return the checksums of what was sent. Costs a device->host copy and a
             sha256 of the whole model.
         max_in_flight: the bound above, >= 1 (`sync.max_buckets_in_flight`).
+        buffers: flat buffers kept across pushes (on CPU; see `gmai_rl.sync.buffers`): bucket k
+            is flattened into slot k % max_in_flight, free again by the bound above. None: a
+            new buffer per bucket.
         clock: time source of the waits (tests pass a fake).
 
     Returns:
@@ -139,7 +144,11 @@ def send_weights(
         with open_bucket(bucket) as tensors:
             if group is None or window is None:
                 continue
-            flat = flatten(bucket, tensors, device=group.device)
+            out = None
+            if buffers is not None:
+                dtype = torch_dtype(bucket.dtype)
+                out = buffers.take(index % max_in_flight, bucket.numel, dtype, group.device)
+            flat = flatten(bucket, tensors, device=group.device, out=out)
             window.add(_describe(plan, index), group.start_broadcast(flat, src=0), flat)
             if sent is not None:
                 # The sender's buffer is only read by the broadcast: safe to read now.
@@ -155,6 +164,7 @@ def receive_weights(
     plan: Sequence[Bucket],
     device: torch.device | str | None = None,
     *,
+    buffers: FlatBuffers | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Receive one push, yielding (name, tensor) bucket by bucket, in plan order.
@@ -172,11 +182,15 @@ def receive_weights(
         plan: the same plan the sender uses.
         device: where the buffers live; default: the group's device (CPU for gloo, the GPU for
             NCCL, which must receive into CUDA memory).
+        buffers: receive every bucket into one buffer kept across pushes (on CPU; see
+            `gmai_rl.sync.buffers`). Only for a loader that copies each tensor before asking
+            for the next bucket: that bucket overwrites the last one. None: a new buffer per
+            bucket, which a loader may keep references to.
         clock: time source of the waits (tests pass a fake).
 
     Yields:
         (name, tensor) with the spec's full shape and wire dtype. Each tensor is a view into its
-        bucket's freshly allocated buffer, never reused for a later bucket (see `unflatten`).
+        bucket's buffer (see `unflatten`): a fresh one per bucket unless `buffers` is given.
 
     Raises:
         PlanMismatchError: the sender's plan differs from `plan` (raised before any bucket).
@@ -191,7 +205,12 @@ def receive_weights(
             "or bucket size): build both from the same plan object"
         )
     for index, bucket in enumerate(plan):
-        flat = torch.empty(bucket.numel, dtype=torch_dtype(bucket.dtype), device=device)
+        dtype = torch_dtype(bucket.dtype)
+        flat = (
+            buffers.take(0, bucket.numel, dtype, device)
+            if buffers is not None
+            else torch.empty(bucket.numel, dtype=dtype, device=device)
+        )
         flat = _broadcast_and_wait(group, flat, clock, _describe(plan, index))
         yield from unflatten(bucket, flat)
 
@@ -205,6 +224,7 @@ def push_weights(
     verify: bool = False,
     gather: GatherFn | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    buffers: FlatBuffers | None = None,
 ) -> dict[str, str] | None:
     """Push `model`'s current parameters; called by EVERY learner rank at the same time.
 
@@ -221,6 +241,7 @@ def push_weights(
         gather: the ZeRO-3 gather context factory; default
             `deepspeed.zero.GatheredParameters(params, modifier_rank=None)` (tests pass a fake).
         max_in_flight: rank 0's bound on buckets sent but not yet complete (see `send_weights`).
+        buffers: rank 0's flat buffers kept across pushes (see `send_weights`).
 
     Returns:
         On rank 0 with verify: {name: checksum}; otherwise None.
@@ -240,7 +261,9 @@ def push_weights(
         with gather(tensors) if gather is not None else contextlib.nullcontext():
             yield tensors
 
-    return send_weights(group, plan, open_bucket, verify=verify, max_in_flight=max_in_flight)
+    return send_weights(
+        group, plan, open_bucket, verify=verify, max_in_flight=max_in_flight, buffers=buffers
+    )
 
 
 def _deepspeed_gather(params: list[torch.nn.Parameter]) -> AbstractContextManager[object]:
