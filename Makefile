@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test test-slow test-faults bench test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
+.PHONY: install test test-slow test-faults bench bench-env bench-trl test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
 
 install: $(STAMP)
 
@@ -35,11 +35,22 @@ test-faults: install
 	$(PY) -m pytest -m faults
 	$(PY) -m pytest -q $(FAULT_FILES)
 
-# CPU benchmarks, each printing a table (docs/benchmarks.md holds them with their dates): the
-# asynchronous pipeline's step time (~7 min), the weight push over a bucket-size sweep (~2 min).
+# CPU benchmarks, each printing one table (benchmarks/RESULTS.md holds them with their commands):
+# the asynchronous pipeline's step time (~5 min), the weight push against raw broadcasts over a
+# bucket-size sweep (~2 min), learner throughput (~1 min) and memory per actor over 100 demo steps
+# (~6 min). The comparisons with TRL and with a math-verify reward need an environment of their
+# own: make bench-trl.
 bench: install
-	$(PY) benchmarks/async_pipeline.py --steps 20
+	$(PY) benchmarks/async_pipeline.py --steps 12
 	$(PY) benchmarks/sync_bench.py --params 1e8 --tensor-numel 3e5 --receivers 2 --bucket-mb 0.5 64 512
+	$(PY) benchmarks/learner_throughput.py
+	$(PY) benchmarks/memory.py trainer.steps=100 trainer.eval_every=0 data.max_eval_items=16
+
+# Our reward against a math-verify one, and one GRPO step against TRL's GRPOTrainer, in the
+# benchmark environment (built on first use, ~6 min); ~5 min of runs on an idle machine.
+bench-trl: bench-env
+	$(BPY) benchmarks/reward_throughput.py
+	$(BPY) benchmarks/trl_grpo.py --ours
 
 # Training as users launch it: `ray start --head` on this machine (its own ports and temporary
 # folder, stopped at the end), jobs through launch/submit.sh, a hydra multirun, a run killed with
@@ -71,6 +82,23 @@ $(VSTAMP): constraints-vllm.txt setup.cfg pyproject.toml
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -m vllm tests/vllm
 	$(VPY) -m pytest tests/integration/test_learner_numerics.py
+
+# The benchmark environment: the third-party code that benchmarks compare against (TRL's
+# GRPOTrainer, math-verify) beside this project, on the main stack's torch and transformers
+# (constraints-bench.txt holds both sets of pins). The stamp makes this a no-op until the pins or
+# the project's declarations change. The comparisons run there:
+#   .venv-bench/bin/python benchmarks/trl_grpo.py --ours
+#   .venv-bench/bin/python benchmarks/reward_throughput.py
+VENV_BENCH := .venv-bench
+BPY := $(VENV_BENCH)/bin/python
+BSTAMP := $(VENV_BENCH)/.installed
+
+bench-env: $(BSTAMP)
+
+$(BSTAMP): constraints-bench.txt setup.cfg pyproject.toml
+	test -x $(BPY) || $(PYTHON) -m venv $(VENV_BENCH)
+	$(BPY) -m pip install --quiet --no-compile -c constraints-bench.txt -e . trl math-verify
+	touch $@
 
 # A GPU node's environment: constraints-gpu.txt, the lock of vLLM 0.32.0 with its CUDA torch,
 # DeepSpeed, Ray and this project (CPython 3.11, x86_64 Linux). VENV_GPU is where it goes: a new
@@ -109,4 +137,4 @@ demo: install
 
 # Only the default GPU environment: VENV_GPU may name an environment this Makefile did not make.
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) .venv-gpu build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VENV_VLLM) $(VENV_BENCH) .venv-gpu build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
