@@ -18,6 +18,20 @@ from typing import Any
 TESTS_DIR = Path(__file__).resolve().parent
 
 
+TEST_SIZE = (
+    "algo.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "rollout.max_new_tokens=8",
+    "learner.micro_batch_size=4",
+    "sft.steps=2",
+    "sft.batch_size=8",
+    "algo.max_refill_rounds=0",
+)
+"""The demo's job cut down for a test on the tiny model and the small synthetic dataset: 4 prompts
+x 4 samples per step, 8 new tokens, 2 SFT steps, no refill rounds (which would make a step's
+prompt count depend on what the random model answers)."""
+
+
 def compose(*overrides: str) -> Any:
     """The hydra tree of conf/config.yaml with `overrides` (output_dir set to a dummy unless
     given), before conversion to the typed config."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from support import train_config
+from support import TEST_SIZE, train_config
 
 
 @pytest.fixture(scope="session")
@@ -18,15 +18,9 @@ def small_config(tiny_model_dir, synthetic_dir, tmp_path_factory):
             f"data.synthetic.dir={synthetic_dir}",
             f"data.image_check_cache={image_checks}",
             f"trainer.output_dir={out_dir}",
-            "algo.prompts_per_step=4",
-            "rollout.samples_per_prompt=4",
-            "rollout.max_new_tokens=8",
-            "learner.micro_batch_size=4",
-            "sft.steps=2",
-            "sft.batch_size=8",
+            *TEST_SIZE,
             "sync.verify=true",
             "sync.timeout_s=120",
-            "algo.max_refill_rounds=0",
             *overrides,
         )
 

@@ -20,6 +20,7 @@ import pytest
 from safetensors.torch import load_file
 
 from gmai_rl.loop import run
+from support import TEST_SIZE
 
 # The job tier: six minutes per case on 2 CPU cores (two runs, one a process of its own).
 pytestmark = [pytest.mark.job, pytest.mark.timeout(1800)]
@@ -51,13 +52,7 @@ def job(tiny_model_dir, synthetic_dir):
         "model.build_tiny_if_missing=false",
         f"data.synthetic.dir={synthetic_dir}",
         "data.image_check_cache=null",
-        "algo.prompts_per_step=4",
-        "rollout.samples_per_prompt=4",
-        "rollout.max_new_tokens=8",
-        "learner.micro_batch_size=4",
-        "sft.steps=2",
-        "sft.batch_size=8",
-        "algo.max_refill_rounds=0",
+        *TEST_SIZE,
         "data.max_eval_items=8",
         "trainer.steps=4",
         "trainer.save_every=2",

@@ -335,3 +335,21 @@ def test_the_off_policy_correction_is_off_by_default_and_valid_on_its_own():
     assert train_config().algo.loss.behaviour_is_cap is None
     validate(train_config("algo.loss.behaviour_is_cap=2"))
     validate(train_config("algo.loss.use_rollout_logprobs=true"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        (["algo.max_staleness=1"], True),
+        (["algo.max_staleness=1", "algo.loss.behaviour_is_cap=2.0"], False),
+        (["algo.max_staleness=1", "algo.loss.use_rollout_logprobs=true"], False),
+        (["algo.max_staleness=0"], False),
+    ],
+)
+def test_stale_batches_without_an_off_policy_correction_are_warned_about(overrides, warned, caplog):
+    with caplog.at_level("WARNING", logger="gmai_rl.config"):
+        validate(train_config(*overrides))
+    messages = [r.getMessage() for r in caplog.records if r.name == "gmai_rl.config"]
+    assert bool(messages) == warned
+    if warned:
+        assert "algo.loss.behaviour_is_cap" in messages[0]
