@@ -47,6 +47,11 @@ class SFTAnswers(StrChoice):
     """Generic reasoning, random letter."""
     true = "true"
     """Finding, matching option and gold letter: the task too."""
+    name = "name"
+    """Finding, then a random option's text and its letter ("This is CT, option B."), answered
+    with that letter: meant to teach the format and the lookup of a letter from its option text
+    for shuffled options, accuracy at chance. The tiny model did not learn the lookup in 120 SFT
+    steps (benchmarks/RESULTS.md, the shuffled-options demo)."""
 
 
 # What to do with a bad record: "raise" stops at the first one, naming file and line; "skip"

@@ -240,6 +240,35 @@ def test_describe_sft_states_the_finding_but_a_random_letter(tmp_path: Path) -> 
     assert abs(agree / 200 - 1 / 4) < 0.1
 
 
+def test_name_sft_names_a_random_option_and_answers_its_letter(tmp_path: Path) -> None:
+    paths = write_synthetic_dataset(
+        tmp_path,
+        n_train=200,
+        n_eval=0,
+        seed=SEED,
+        tasks=["modality"],
+        shuffle_options=True,
+        sft_answers="name",
+    )
+    train = {record["id"]: record for record in read_jsonl(paths["train"])}
+    letters: Counter[str] = Counter()
+    agree = 0
+    for record in read_jsonl(paths["sft"]):
+        prompt = record["conversations"][0]["value"]
+        named = re.fullmatch(
+            r"<think>(.+) This is (.+), option ([A-D])\.</think>\n<answer>([A-D])</answer>",
+            gold_of(record),
+        )
+        assert named is not None, gold_of(record)
+        text, letter, answer = named[2], named[3], named[4]
+        assert f"\n{letter}. {text}" in prompt  # the prompt gives that text that letter ...
+        assert answer == letter  # ... and the answer is it
+        letters[letter] += 1
+        agree += letter == gold_of(train[record["id"]])
+    assert letters == {"A": 50, "B": 50, "C": 50, "D": 50}
+    assert abs(agree / 200 - 1 / 4) < 0.1  # which option: unrelated to the image
+
+
 def test_sft_answers_must_be_a_known_flavour(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sft_answers"):
         write_synthetic_dataset(tmp_path, n_train=5, n_eval=0, sft_answers="maybe")  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sft-answers",
-        choices=("true", "random", "describe"),
+        choices=("true", "random", "describe", "name"),
         default="true",
         help="true: reasoning + gold letter; random: generic reasoning + random letter "
         "(teaches the format only); describe: the image finding + random letter",

@@ -29,7 +29,7 @@ from gmai_rl.data.synthetic.generate import (
 )
 from gmai_rl.data.synthetic.tasks import TASKS
 
-SftAnswers = Literal["true", "random", "describe"]
+SftAnswers = Literal["true", "random", "describe", "name"]
 Record = dict[str, Any]
 """One JSONL line: {"id", "image", "conversations"}."""
 
@@ -74,7 +74,7 @@ def sft_record(item: SyntheticItem, reasoning: str, letter: str) -> Record:
 
 
 def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) -> list[Record]:
-    """Cold-start records, in one of three flavours:
+    """Cold-start records, in one of four flavours:
 
     "true":     the finding, the option it matches, and the gold letter (a real cold start).
     "random":   a generic sentence and a letter drawn independently of the truth, balanced over the
@@ -82,11 +82,19 @@ def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) 
     "describe": the finding (what the image shows, naming no letter) and a random letter, drawn as
                 for "random": SFT teaches the format and to describe the image, but not which option
                 a description means, so accuracy starts at chance and RL must learn the answer.
+    "name":     the finding, then the text of a random option and its letter ("This is CT, option
+                B."), answered with that letter: SFT teaches to name an option and to answer the
+                letter the prompt gives that text, but not which option the image is, so accuracy
+                starts at chance. With shuffled options RL then only has to learn which option
+                text an image is, a fixed mapping, while the lookup of its letter (which moves
+                with every question) is already in place.
     """
     if answers == "true":
         return [sft_record(item, item.truthful_reasoning, item.answer) for item in items]
-    if answers not in ("random", "describe"):
-        raise ValueError(f"sft_answers must be 'true', 'random' or 'describe', not {answers!r}")
+    if answers not in ("random", "describe", "name"):
+        raise ValueError(
+            f"sft_answers must be 'true', 'random', 'describe' or 'name', not {answers!r}"
+        )
     records: dict[str, Record] = {}
     for task in dict.fromkeys(item.task for item in items):
         task_items = [item for item in items if item.task == task]
@@ -94,7 +102,12 @@ def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) 
         letters = balanced_labels(rng, len(task_items), len(TASKS[task].classes))
         for item, letter in zip(task_items, letters, strict=True):
             generic = GENERIC_REASONING[int(rng.integers(len(GENERIC_REASONING)))]
-            reasoning = item.finding if answers == "describe" else generic
+            reasoning = {
+                "random": generic,
+                "describe": item.finding,
+                "name": f"{item.finding} This is {item.options[LETTERS[letter]]}, option "
+                f"{LETTERS[letter]}.",
+            }[answers]
             records[item.id] = sft_record(item, reasoning, LETTERS[letter])
     return [records[item.id] for item in items]
 
