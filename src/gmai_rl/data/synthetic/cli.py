@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=("true", "random", "describe", "name"),
         default="true",
         help="true: reasoning + gold letter; random: generic reasoning + random letter "
-        "(teaches the format only); describe: the image finding + random letter",
+        "(teaches the format only); describe: the image finding + random letter; name: the "
+        "finding, a random option's text and its letter",
     )
     return parser
 
