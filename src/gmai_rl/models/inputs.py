@@ -177,7 +177,7 @@ def pack_policy_batch(
     Args:
         batch: from `build_policy_batch` (right-padded, with an attention mask).
         vision_positions: `[3, B, L]` M-RoPE positions of the padded batch, from the model's
-            `get_rope_index` (`models.scoring.rope_positions`); None: no images in the batch.
+            `get_rope_index` (`models.scoring.packed_for`); None: no images in the batch.
         multimodal: the model is of the Qwen2-VL family, which takes `[4, 1, T]` position ids
             (text positions for the mask, then its three M-RoPE rows); else `[1, T]`.
 

@@ -94,26 +94,21 @@ def completion_scores(
     return grid, entropy.new_zeros(mask.shape).index_put((b, c), entropy)
 
 
-def rope_positions(model: Any, batch: PolicyBatch) -> torch.Tensor | None:
-    """`[3, B, L]` M-RoPE positions of a padded batch with images (Qwen2-VL family), as the
-    model computes them inside its forward; None without images or for other models."""
+def packed_for(model: Any, batch: PolicyBatch) -> PolicyBatch:
+    """`pack_policy_batch` of a padded batch for `model`: a Qwen2-VL-family model (it has
+    `get_rope_index`) takes M-RoPE positions, computed here from the padded batch as the model
+    would inside its forward when the batch has images."""
     inputs = batch.model_inputs
     get_rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
-    if get_rope_index is None or "image_grid_thw" not in inputs:
-        return None
-    positions, _ = get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"],
-    )
-    return positions  # type: ignore[no-any-return]
-
-
-def packed_for(model: Any, batch: PolicyBatch) -> PolicyBatch:
-    """`pack_policy_batch` of a padded batch for `model` (its position-id layout)."""
-    multimodal = hasattr(getattr(model, "model", None), "get_rope_index")
-    return pack_policy_batch(batch, rope_positions(model, batch), multimodal)
+    positions = None
+    if get_rope_index is not None and "image_grid_thw" in inputs:
+        positions, _ = get_rope_index(
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+    return pack_policy_batch(batch, positions, multimodal=get_rope_index is not None)
 
 
 @contextmanager

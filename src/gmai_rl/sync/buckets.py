@@ -211,8 +211,8 @@ def unflatten(bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tenso
         (name, tensor) in `bucket.specs` order. The tensors are VIEWS into `flat`: no copy, and
         each keeps the whole buffer alive while referenced. That is safe as long as nobody writes
         into `flat` afterwards (`receive_weights` reuses a buffer only for a loader that has
-        copied the previous bucket's tensors); a loader that stores a tensor instead of copying it should `.clone()` it, or it
-        pins the bucket's whole memory for one tensor.
+        copied the previous bucket's tensors); a loader that stores a tensor instead of copying
+        it should `.clone()` it, or it pins the bucket's whole memory for one tensor.
     """
     if flat.dim() != 1 or flat.numel() != bucket.numel:
         raise ValueError(f"expected a flat [{bucket.numel}] buffer, got {tuple(flat.shape)}")

@@ -144,11 +144,8 @@ def send_weights(
         with open_bucket(bucket) as tensors:
             if group is None or window is None:
                 continue
-            out = None
-            if buffers is not None:
-                dtype = torch_dtype(bucket.dtype)
-                out = buffers.take(index % max_in_flight, bucket.numel, dtype, group.device)
-            flat = flatten(bucket, tensors, device=group.device, out=out)
+            slot = index % max_in_flight
+            flat = flatten(bucket, tensors, out=_flat_buffer(bucket, group.device, buffers, slot))
             window.add(_describe(plan, index), group.start_broadcast(flat, src=0), flat)
             if sent is not None:
                 # The sender's buffer is only read by the broadcast: safe to read now.
@@ -205,12 +202,7 @@ def receive_weights(
             "or bucket size): build both from the same plan object"
         )
     for index, bucket in enumerate(plan):
-        dtype = torch_dtype(bucket.dtype)
-        flat = (
-            buffers.take(0, bucket.numel, dtype, device)
-            if buffers is not None
-            else torch.empty(bucket.numel, dtype=dtype, device=device)
-        )
+        flat = _flat_buffer(bucket, device, buffers, slot=0)
         flat = _broadcast_and_wait(group, flat, clock, _describe(plan, index))
         yield from unflatten(bucket, flat)
 
@@ -275,6 +267,16 @@ def _deepspeed_gather(params: list[torch.nn.Parameter]) -> AbstractContextManage
         params, modifier_rank=None
     )
     return gathered
+
+
+def _flat_buffer(
+    bucket: Bucket, device: torch.device, buffers: FlatBuffers | None, slot: int
+) -> torch.Tensor:
+    """`[bucket.numel]` of the bucket's dtype: from `buffers`' slot when given, else a new one."""
+    dtype = torch_dtype(bucket.dtype)
+    if buffers is not None:
+        return buffers.take(slot, bucket.numel, dtype, device)
+    return torch.empty(bucket.numel, dtype=dtype, device=device)
 
 
 def _broadcast_and_wait(
