@@ -52,6 +52,11 @@ class SFTAnswers(StrChoice):
     with that letter: meant to teach the format and the lookup of a letter from its option text
     for shuffled options, accuracy at chance. The tiny model did not learn the lookup in 120 SFT
     steps (benchmarks/RESULTS.md, the shuffled-options demo)."""
+    check = "check"
+    """Finding, then the options checked in a fixed order, text then letter ("X-ray is C: no. CT
+    is A: yes."), "yes" at a random one, answered with its letter: the format and the letter
+    lookup learned, accuracy at chance; RL learns which text the image is. For shuffled options
+    (conf/experiment/demo_shuffled.yaml)."""
 
 
 # What to do with a bad record: "raise" stops at the first one, naming file and line; "skip"
@@ -154,9 +159,11 @@ class SyntheticDataConfig:
     image_size: int = 56
     """Side of the square PNGs in pixels (56: 4 visual tokens for Qwen2.5-VL)."""
     shuffle_options: bool = False
-    """Shuffle option order per question; a tiny model needs many more RL steps then."""
+    """Shuffle option order per question, so the answer's letter moves: the policy must read the
+    options. The demo's cold start then leaves RL at chance; conf/experiment/demo_shuffled.yaml
+    has what it takes (sft_answers=check)."""
     sft_answers: SFTAnswers = SFTAnswers.describe
-    """Cold-start records: describe, random or true (see SFTAnswers)."""
+    """Cold-start records: describe, random, true, name or check (see SFTAnswers)."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Full-size presets carry their own recipe: composed, they hold exactly the documented values,
-and each recipe value is written in the preset itself, so a change of the demo's defaults (the
-schema's) can never leak into a 7B run."""
+"""Presets (full-size recipes and the shuffled-options demo) carry their own recipe: composed, they
+hold exactly the documented values, and each recipe value is written in the preset itself, so a
+change of the demo's defaults (the schema's) can never leak into a 7B run or the preset."""
 
 from pathlib import Path
 
@@ -39,7 +39,17 @@ RECIPES = {
         "model.freeze_vision": True,
         "trainer.save_every": 50,
         "trainer.steps": 400,
-    }
+    },
+    # conf/experiment/demo_shuffled.yaml: the demo with shuffled options (its header says why).
+    "demo_shuffled": {
+        "data.synthetic.shuffle_options": True,
+        "data.synthetic.sft_answers": "check",
+        "sft.steps": 600,
+        "rollout.max_new_tokens": 96,
+        "optim.lr": 5e-4,
+        "trainer.steps": 200,
+        "trainer.eval_every": 50,
+    },
 }
 
 

@@ -269,6 +269,46 @@ def test_name_sft_names_a_random_option_and_answers_its_letter(tmp_path: Path) -
     assert abs(agree / 200 - 1 / 4) < 0.1  # which option: unrelated to the image
 
 
+@pytest.mark.parametrize("task", ["modality", "lesion_side"])
+def test_check_sft_checks_options_in_class_order_until_a_random_yes(
+    tmp_path: Path, task: str
+) -> None:
+    paths = write_synthetic_dataset(
+        tmp_path,
+        n_train=200,
+        n_eval=0,
+        seed=SEED,
+        tasks=[task],
+        shuffle_options=True,
+        sft_answers="check",
+    )
+    classes = TASKS[task].classes
+    train = {record["id"]: record for record in read_jsonl(paths["train"])}
+    letters: Counter[str] = Counter()
+    agree = 0
+    for record in read_jsonl(paths["sft"]):
+        prompt = record["conversations"][0]["value"]
+        target = re.fullmatch(
+            r"<think>(.+?\.) ((?:.+? is [A-D]: no\. )*.+? is [A-D]: yes\.)</think>"
+            r"\n<answer>([A-D])</answer>",
+            gold_of(record),
+        )
+        assert target is not None, gold_of(record)
+        checks = re.findall(r"(.+?) is ([A-D]): (yes|no)\.(?: |$)", target[2])
+        texts = [text for text, _, _ in checks]
+        assert texts == list(classes[: len(checks)])  # the fixed order, stopping at the "yes"
+        for text, letter, _ in checks:
+            assert f"\n{letter}. {text}" in prompt  # each text with the letter the prompt gives it
+        assert [verdict for _, _, verdict in checks] == ["no"] * (len(checks) - 1) + ["yes"]
+        answer = target[3]
+        assert answer == checks[-1][1]  # the answer is the letter of the "yes"
+        letters[answer] += 1
+        agree += answer == gold_of(train[record["id"]])
+    k = len(classes)
+    assert letters == {letter: 200 // k for letter in "ABCD"[:k]}
+    assert abs(agree / 200 - 1 / k) < 0.1  # where the "yes" falls: unrelated to the image
+
+
 def test_sft_answers_must_be_a_known_flavour(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sft_answers"):
         write_synthetic_dataset(tmp_path, n_train=5, n_eval=0, sft_answers="maybe")  # type: ignore[arg-type]

@@ -35,11 +35,15 @@ Guarantees (tested in tests/unit/test_synthetic.py):
 - Deterministic: the same arguments give byte-identical JSONL and PNG files; train and eval come
   from different random streams and share no image.
 
-Cold-start SFT records (sft.jsonl, over the train images) come in two flavours:
+Cold-start SFT records (sft.jsonl, over the train images) come in five flavours:
 - `sft_answers="true"` (default): `<think>` states the decisive cue, `<answer>` is the gold letter.
 - `sft_answers="random"`: generic reasoning ("I examine the image and compare the options.") and a
   letter drawn independently of the truth, balanced over the options. It teaches the answer format
-  and nothing about the task, so RL starts at chance and any gain is GRPO's: the demo's setting.
+  and nothing about the task, so RL starts at chance and any gain is GRPO's.
+- `describe` (the demo's), `name` and `check` (writer.sft_records): the finding, then a random
+  letter; a random option's text and its letter; or the options checked in a fixed order up to a
+  random "yes" (the cold start for shuffled options, conf/experiment/demo_shuffled.yaml). Each
+  starts RL at chance.
 
 Caveat: image paths name the modality (`images/2d/cls/<modality>/`, as in the real dataset), which
 is the modality task's answer; never put the path or `MCQItem.modality` into a prompt.

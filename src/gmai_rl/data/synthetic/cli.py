@@ -29,11 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sft-answers",
-        choices=("true", "random", "describe", "name"),
+        choices=("true", "random", "describe", "name", "check"),
         default="true",
         help="true: reasoning + gold letter; random: generic reasoning + random letter "
         "(teaches the format only); describe: the image finding + random letter; name: the "
-        "finding, a random option's text and its letter",
+        "finding, a random option's text and its letter; check: the finding, then the options "
+        "checked in a fixed order until a random one gets 'yes', answered with its letter",
     )
     return parser
 

@@ -29,7 +29,7 @@ from gmai_rl.data.synthetic.generate import (
 )
 from gmai_rl.data.synthetic.tasks import TASKS
 
-SftAnswers = Literal["true", "random", "describe", "name"]
+SftAnswers = Literal["true", "random", "describe", "name", "check"]
 Record = dict[str, Any]
 """One JSONL line: {"id", "image", "conversations"}."""
 
@@ -73,8 +73,30 @@ def sft_record(item: SyntheticItem, reasoning: str, letter: str) -> Record:
     }
 
 
+def check_options(item: SyntheticItem, chosen: str) -> str:
+    """The options checked one by one in the task's fixed class order, text then its letter, up to
+    and including the `chosen` letter's: "X-ray is C: no. CT is A: yes."
+
+    Why this shape: with shuffled options the letter of an answer moves from question to question.
+    Each step here looks up the letter of a text the model already knows by its place in the fixed
+    order (a lookup the tiny model learns in a few hundred SFT steps), and the answer is the letter
+    of the last step, a fixed distance back. What is left to RL is local: at each step, does this
+    text match the finding? A trace that names the option only at the end ("This is CT, option
+    A.") needs a lookup by the named text, which the tiny model did not learn (RESULTS.md).
+    """
+    letter_of = {text: letter for letter, text in item.options.items()}
+    steps = []
+    for text in TASKS[item.task].classes:
+        steps.append(
+            f"{text} is {letter_of[text]}: {'yes' if letter_of[text] == chosen else 'no'}."
+        )
+        if letter_of[text] == chosen:
+            break
+    return " ".join(steps)
+
+
 def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) -> list[Record]:
-    """Cold-start records, in one of four flavours:
+    """Cold-start records, in one of five flavours:
 
     "true":     the finding, the option it matches, and the gold letter (a real cold start).
     "random":   a generic sentence and a letter drawn independently of the truth, balanced over the
@@ -88,12 +110,17 @@ def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) 
                 starts at chance. With shuffled options RL then only has to learn which option
                 text an image is, a fixed mapping, while the lookup of its letter (which moves
                 with every question) is already in place.
+    "check":    the finding, then the options checked in the task's fixed class order, text and
+                letter, "no" for each until a random one gets "yes" (`check_options`), answered
+                with that letter: SFT teaches the format and the lookup of each text's letter, but
+                not which text the image is, so accuracy starts at chance; RL learns where to say
+                "yes". The cold start for shuffled options.
     """
     if answers == "true":
         return [sft_record(item, item.truthful_reasoning, item.answer) for item in items]
-    if answers not in ("random", "describe", "name"):
+    if answers not in ("random", "describe", "name", "check"):
         raise ValueError(
-            f"sft_answers must be 'true', 'random', 'describe' or 'name', not {answers!r}"
+            f"sft_answers must be 'true', 'random', 'describe', 'name' or 'check', not {answers!r}"
         )
     records: dict[str, Record] = {}
     for task in dict.fromkeys(item.task for item in items):
@@ -107,6 +134,7 @@ def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) 
                 "describe": item.finding,
                 "name": f"{item.finding} This is {item.options[LETTERS[letter]]}, option "
                 f"{LETTERS[letter]}.",
+                "check": f"{item.finding} {check_options(item, LETTERS[letter])}",
             }[answers]
             records[item.id] = sft_record(item, reasoning, LETTERS[letter])
     return [records[item.id] for item in items]
