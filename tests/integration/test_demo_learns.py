@@ -29,13 +29,17 @@ def _isolated(tmp_path, *overrides):
     )
 
 
-def test_the_demo_learns_on_seed_0(tmp_path):
-    cfg = _isolated(tmp_path)
+def _accuracy_before_and_after_rl(cfg):
     try:
         result = run(cfg)
     finally:
         ray.shutdown()
-    before, after = result["before_rl"]["accuracy"], result["after_rl"]["accuracy"]
+    return result["before_rl"]["accuracy"], result["after_rl"]["accuracy"]
+
+
+def test_the_demo_learns_on_seed_0(tmp_path):
+    cfg = _isolated(tmp_path)
+    before, after = _accuracy_before_and_after_rl(cfg)
     assert after - before >= 0.20, (before, after)
     steps = [
         json.loads(line)
@@ -48,9 +52,5 @@ def test_the_demo_learns_on_seed_0(tmp_path):
 
 def test_the_shuffled_options_demo_learns_on_seed_0(tmp_path):
     cfg = _isolated(tmp_path, "+experiment=demo_shuffled", "trainer.save_every=0")
-    try:
-        result = run(cfg)
-    finally:
-        ray.shutdown()
-    before, after = result["before_rl"]["accuracy"], result["after_rl"]["accuracy"]
+    before, after = _accuracy_before_and_after_rl(cfg)
     assert after - before >= 0.30, (before, after)
