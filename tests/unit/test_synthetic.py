@@ -19,6 +19,7 @@ import pytest
 
 from gmai_rl.data.synthetic import TASKS, generate_items, main, write_synthetic_dataset
 from gmai_rl.data.synthetic.generate import GENERIC_REASONING
+from gmai_rl.data.synthetic.writer import SftAnswers
 
 ALL_TASKS = tuple(TASKS)
 SEED = 7
@@ -240,20 +241,29 @@ def test_describe_sft_states_the_finding_but_a_random_letter(tmp_path: Path) -> 
     assert abs(agree / 200 - 1 / 4) < 0.1
 
 
-def test_name_sft_names_a_random_option_and_answers_its_letter(tmp_path: Path) -> None:
+def shuffled_sft(
+    tmp_path: Path, task: str, answers: SftAnswers
+) -> tuple[dict[str, str], list[dict]]:
+    """200 train questions of `task` with shuffled options: their gold letters by id, and the SFT
+    records of the `answers` flavour."""
     paths = write_synthetic_dataset(
         tmp_path,
         n_train=200,
         n_eval=0,
         seed=SEED,
-        tasks=["modality"],
+        tasks=[task],
         shuffle_options=True,
-        sft_answers="name",
+        sft_answers=answers,
     )
-    train = {record["id"]: record for record in read_jsonl(paths["train"])}
+    gold = {record["id"]: gold_of(record) for record in read_jsonl(paths["train"])}
+    return gold, read_jsonl(paths["sft"])
+
+
+def test_name_sft_names_a_random_option_and_answers_its_letter(tmp_path: Path) -> None:
+    gold, sft = shuffled_sft(tmp_path, "modality", "name")
     letters: Counter[str] = Counter()
     agree = 0
-    for record in read_jsonl(paths["sft"]):
+    for record in sft:
         prompt = record["conversations"][0]["value"]
         named = re.fullmatch(
             r"<think>(.+) This is (.+), option ([A-D])\.</think>\n<answer>([A-D])</answer>",
@@ -264,7 +274,7 @@ def test_name_sft_names_a_random_option_and_answers_its_letter(tmp_path: Path) -
         assert f"\n{letter}. {text}" in prompt  # the prompt gives that text that letter ...
         assert answer == letter  # ... and the answer is it
         letters[letter] += 1
-        agree += letter == gold_of(train[record["id"]])
+        agree += letter == gold[record["id"]]
     assert letters == {"A": 50, "B": 50, "C": 50, "D": 50}
     assert abs(agree / 200 - 1 / 4) < 0.1  # which option: unrelated to the image
 
@@ -273,20 +283,11 @@ def test_name_sft_names_a_random_option_and_answers_its_letter(tmp_path: Path) -
 def test_check_sft_checks_options_in_class_order_until_a_random_yes(
     tmp_path: Path, task: str
 ) -> None:
-    paths = write_synthetic_dataset(
-        tmp_path,
-        n_train=200,
-        n_eval=0,
-        seed=SEED,
-        tasks=[task],
-        shuffle_options=True,
-        sft_answers="check",
-    )
+    gold, sft = shuffled_sft(tmp_path, task, "check")
     classes = TASKS[task].classes
-    train = {record["id"]: record for record in read_jsonl(paths["train"])}
     letters: Counter[str] = Counter()
     agree = 0
-    for record in read_jsonl(paths["sft"]):
+    for record in sft:
         prompt = record["conversations"][0]["value"]
         target = re.fullmatch(
             r"<think>(.+?\.) ((?:.+? is [A-D]: no\. )*.+? is [A-D]: yes\.)</think>"
@@ -303,7 +304,7 @@ def test_check_sft_checks_options_in_class_order_until_a_random_yes(
         answer = target[3]
         assert answer == checks[-1][1]  # the answer is the letter of the "yes"
         letters[answer] += 1
-        agree += answer == gold_of(train[record["id"]])
+        agree += answer == gold[record["id"]]
     k = len(classes)
     assert letters == {letter: 200 // k for letter in "ABCD"[:k]}
     assert abs(agree / 200 - 1 / k) < 0.1  # where the "yes" falls: unrelated to the image

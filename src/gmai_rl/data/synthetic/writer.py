@@ -85,14 +85,12 @@ def check_options(item: SyntheticItem, chosen: str) -> str:
     A.") needs a lookup by the named text, which the tiny model did not learn (RESULTS.md).
     """
     letter_of = {text: letter for letter, text in item.options.items()}
-    steps = []
-    for text in TASKS[item.task].classes:
-        steps.append(
-            f"{text} is {letter_of[text]}: {'yes' if letter_of[text] == chosen else 'no'}."
-        )
-        if letter_of[text] == chosen:
-            break
-    return " ".join(steps)
+    order = TASKS[item.task].classes
+    last = order.index(item.options[chosen])
+    return " ".join(
+        f"{text} is {letter_of[text]}: {'yes' if i == last else 'no'}."
+        for i, text in enumerate(order[: last + 1])
+    )
 
 
 def sft_records(items: Sequence[SyntheticItem], seed: int, answers: SftAnswers) -> list[Record]:
