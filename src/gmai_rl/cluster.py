@@ -462,8 +462,8 @@ class Cluster:
         _check_resources(cfg, plan)
         cluster = cls(cfg, [], [], [], _ready_placement_group(cfg, plan), [])
         try:
-            host, sync_port = cluster._start_actors()
-            backend, sync_world = cluster._join_sync_group(host, sync_port)
+            cluster._start_actors()
+            backend, sync_world = cluster._join_sync_group()
         except BaseException:
             try:
                 cluster.shutdown()
@@ -481,17 +481,17 @@ class Cluster:
         )
         return cluster
 
-    def _start_actors(self) -> tuple[str, int]:
+    def _start_actors(self) -> None:
         """Start the reward workers, learner ranks and rollout workers and wait for each one's
-        constructor (model loading, DeepSpeed init); returns the sync group's host and port."""
+        constructor (model loading, DeepSpeed init)."""
         import ray
 
         from gmai_rl.learner.worker import Learner
 
         cfg, plan = self.cfg, self.plan
-        # The learner group's rendezvous and the weight-sync group's store both live on learner
-        # rank 0's node: a probe task in its bundle finds the node's address and two free ports.
-        master_addr, master_port, sync_port = self._probe_learner_node()
+        # The learner group's rendezvous lives on learner rank 0's node: a probe task in its
+        # bundle finds the node's address and reserves a port there.
+        master_addr, master_port = self._probe_learner_node()
         world = cfg.cluster.learner_ranks
 
         def start_learners() -> list[Any]:
@@ -529,7 +529,6 @@ class Cluster:
             self._await_pings(self.rewards, "reward worker")
         self._await_pings(self.learners, "learner rank")
         self._await_pings(self.rollouts, "rollout worker")
-        return master_addr, sync_port
 
     def _runtime_env(self) -> dict[str, Any]:
         return {"env_vars": actor_env(self.cfg, os.environ)}
@@ -547,17 +546,18 @@ class Cluster:
             ),
         }
 
-    def _probe_learner_node(self) -> tuple[str, int, int]:
-        """Learner rank 0's node address and two ports free there now (a task in its bundle)."""
+    def _probe_learner_node(self) -> tuple[str, int]:
+        """Learner rank 0's node address and a port reserved there now (a task in its bundle;
+        `find_free_ports` says for how long)."""
         import ray
 
         probe = ray.remote(_node_address).options(
             **self._in_bundle(self.plan.learner_bundles[0], {"CPU": 0})
         )
-        ((address, port_a, port_b),) = _await_start(
+        ((address, port),) = _await_start(
             "start", [("probe", probe.remote())], self.cfg.cluster.start_timeout_s
         )
-        return address, port_a, port_b
+        return address, port
 
     def _start_rollout(self, i: int) -> Any:
         """Rollout worker `i` in its bundle. A replacement samples from a seed of its own."""
@@ -605,11 +605,14 @@ class Cluster:
         calls = self._calls(actors, kind, "ping")
         _await_start("start", calls, self.cfg.cluster.start_timeout_s)
 
-    def _join_sync_group(self, host: str, port: int) -> tuple[str, int]:
+    def _join_sync_group(self) -> tuple[str, int]:
         """Learner rank 0 and every rollout worker join the weight-sync group (all launched
         before any is awaited: each join blocks until the whole group is there); rank 0 then
         plans the buckets. Returns the group's backend and world size."""
         cfg, timeout = self.cfg, self.cfg.cluster.start_timeout_s
+        # The group's store lives on learner rank 0's node, on a port reserved there just now
+        # (a reservation lasts a minute; the actors' start before this can take longer).
+        host, port = self._probe_learner_node()
         learners, rollouts = self.learners, self.rollouts
         members = _await_start(
             "start", self._calls(rollouts, "rollout worker", "sync_members"), timeout
@@ -777,8 +780,7 @@ class Cluster:
             ray.kill(self.rollouts[i], no_restart=True)  # dead already, or as good as
             self.rollouts[i] = self._start_rollout(i)
         self._await_pings([self.rollouts[i] for i in dead], "replacement rollout worker")
-        host, _, port = self._probe_learner_node()
-        self._join_sync_group(host, port)
+        self._join_sync_group()
         version = self.version if version is None else version
         self.frozen_pushed = False  # a new engine holds the model path's weights
         self._push_weights(verify=True)  # the weights of `version` again, to every member
@@ -1155,11 +1157,10 @@ def _engine_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return {"vllm": cfg.rollout.vllm} if cfg.rollout.backend == Backend.vllm else {}
 
 
-def _node_address() -> tuple[str, int, int]:
-    """This node's address as Ray sees it, and two ports free on it right now."""
+def _node_address() -> tuple[str, int]:
+    """This node's address as Ray sees it, and a port reserved on it (`find_free_port`)."""
     import ray.util
 
-    from gmai_rl.sync.group import find_free_ports
+    from gmai_rl.sync.group import find_free_port
 
-    master_port, sync_port = find_free_ports(2)
-    return ray.util.get_node_ip_address(), master_port, sync_port
+    return ray.util.get_node_ip_address(), find_free_port()

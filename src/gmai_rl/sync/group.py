@@ -42,21 +42,35 @@ class SyncGroupError(RuntimeError):
 
 
 def find_free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports that are free on this node right now (bound to port 0 all at
-    once, read, released).
+    """`count` distinct TCP ports free on this node, each held in TIME_WAIT for the kernel's
+    TIME_WAIT period (60 s on Linux) so that nothing else is handed it meanwhile.
 
-    Call it on the node that will host rank 0's store. Another process can grab a port between
-    this call and the store's bind; the store then fails with "address already in use": retry
-    with a new port.
+    A port that is merely bound to 0, read and released goes back into the pool the kernel
+    draws from for every other `bind(("", 0))` on the node (Ray's and gRPC's servers, other
+    probes), and a store that binds it seconds later, once its actor has started, fails with
+    "address already in use" (seen in CI). A port with a TIME_WAIT connection on it is skipped
+    by the kernel's own choices (bind to 0 and connect) but can still be bound explicitly by a
+    socket with SO_REUSEADDR, which TCPStore sets. So each port is bound with SO_REUSEADDR, a
+    loopback connection is accepted on it, and the accepted end is closed first: the TIME_WAIT
+    is on the port's side. The trick is Yelp's ephemeral-port-reserve.
+
+    Call it on the node that will host rank 0's store, shortly before the store binds: after
+    the TIME_WAIT period the port is unguarded again.
     """
     with contextlib.ExitStack() as stack:
-        socks = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            for _ in range(count)
-        ]
-        for sock in socks:
-            sock.bind(("", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+        listeners = []
+        for _ in range(count):  # all bound at once: distinct ports
+            listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("", 0))
+            listener.listen(1)
+            listeners.append(listener)
+        ports = [int(listener.getsockname()[1]) for listener in listeners]
+        for listener, port in zip(listeners, ports, strict=True):
+            with socket.create_connection(("127.0.0.1", port)):
+                accepted, _ = listener.accept()
+                accepted.close()  # before the client: the TIME_WAIT stays on `port`
+        return ports
 
 
 def find_free_port() -> int:
