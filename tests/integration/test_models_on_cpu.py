@@ -9,6 +9,7 @@ import torch
 
 from gmai_rl.algo import token_logprobs
 from gmai_rl.data import build_prompt, load_mcq_jsonl
+from gmai_rl.models import inputs
 from gmai_rl.models.inputs import build_policy_batch, completion_logits, encode_prompts
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.rollout.hf import HFEngine, split_completion
@@ -89,6 +90,44 @@ def test_learner_rejects_a_prompt_encoded_differently(engine, prompts):
     sample = TrainSample(prompts[0], [1, 2, 3], [5, 6])
     with pytest.raises(ValueError, match="same processor settings"):
         build_policy_batch(engine.processor, [sample], engine.pad_id)
+
+
+def test_micro_batches_sharing_encodings_collate_as_alone_and_encode_each_prompt_once(
+    engine, prompts, monkeypatch
+):
+    """A rollout batch cut into micro-batches, collated with one `encoded` dict: every batch
+    equals the one collated on its own, each prompt goes through the processor once, and a
+    micro-batch of the text-only prompt gets no vision inputs from an image prompt before it."""
+    samples = [TrainSample(p, [], [5 + i, 6, 7][: 1 + i % 3]) for i, p in enumerate(prompts * 2)]
+    micros = [samples[0:3], samples[3:4], samples[4:8], samples[7:8]]  # [7:8] is text-only
+    alone = [build_policy_batch(engine.processor, m, engine.pad_id) for m in micros]
+
+    calls = []
+    real = inputs.encode_prompt
+    monkeypatch.setattr(
+        inputs, "encode_prompt", lambda proc, p: calls.append(p.id) or real(proc, p)
+    )
+    encoded = {}
+    shared = [build_policy_batch(engine.processor, m, engine.pad_id, encoded) for m in micros]
+
+    assert sorted(calls) == sorted(p.id for p in prompts)
+    for one, other in zip(alone, shared, strict=True):
+        assert one.model_inputs.keys() == other.model_inputs.keys()
+        for key, value in one.model_inputs.items():
+            assert torch.equal(value, other.model_inputs[key]), key
+        assert torch.equal(one.logit_index, other.logit_index)
+    assert "pixel_values" not in shared[3].model_inputs
+
+
+def test_a_shared_encoding_still_checks_every_sample_against_its_rollout_ids(engine, prompts):
+    encoded = {}
+    ids = encode_prompts(engine.processor, prompts[:1])["input_ids"][0].tolist()
+    build_policy_batch(
+        engine.processor, [TrainSample(prompts[0], ids, [5])], engine.pad_id, encoded
+    )
+    stale = TrainSample(prompts[0], ids[:-1], [5])
+    with pytest.raises(ValueError, match="same processor settings"):
+        build_policy_batch(engine.processor, [stale], engine.pad_id, encoded)
 
 
 def test_loading_weights_changes_generation_inputs(engine):

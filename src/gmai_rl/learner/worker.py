@@ -30,7 +30,7 @@ from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
 from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
-from gmai_rl.models.inputs import PolicyBatch, build_policy_batch
+from gmai_rl.models.inputs import EncodedPrompt, PolicyBatch, build_policy_batch
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
 from gmai_rl.models.scoring import completion_scores, forward_replaced, packed_for
 from gmai_rl.models.tokens import vision_token_ids
@@ -246,15 +246,22 @@ class Learner:
         logprobs, _ = self._completion_scores(engine, batch, self.loss_opts.temperature)
         return logprobs.float()
 
-    def _policy_batch(self, micro: Sequence[TrainSample]) -> PolicyBatch:
-        """A micro-batch's inputs: right-padded, or packed into one row (pack_sequences)."""
-        batch = build_policy_batch(self.processor, micro, self.pad_id)
+    def _policy_batch(
+        self, micro: Sequence[TrainSample], encoded: dict[str, EncodedPrompt]
+    ) -> PolicyBatch:
+        """A micro-batch's inputs: right-padded, or packed into one row (pack_sequences).
+
+        `encoded`: the prompts of the call's batch encoded so far, shared by its micro-batches
+        and passes (`build_policy_batch`)."""
+        batch = build_policy_batch(self.processor, micro, self.pad_id, encoded)
         return packed_for(self.engine.module, batch) if self.opts.pack_sequences else batch
 
-    def _score(self, module: Any, samples: Sequence[TrainSample]) -> list[torch.Tensor]:
+    def _score(
+        self, module: Any, samples: Sequence[TrainSample], encoded: dict[str, EncodedPrompt]
+    ) -> list[torch.Tensor]:
         """Per-micro-batch [b, C] log-probs of the samples' completions under `module`, on CPU."""
         return [
-            self._frozen_logprobs(module, self._policy_batch(micro)).cpu()
+            self._frozen_logprobs(module, self._policy_batch(micro, encoded)).cpu()
             for micro in chunk(samples, self.opts.micro_batch_size)
         ]
 
@@ -265,7 +272,7 @@ class Learner:
             row[: len(s.completion_ids)].tolist()
             for micro, lp in zip(
                 chunk(samples, self.opts.micro_batch_size),
-                self._score(self.engine, samples),
+                self._score(self.engine, samples, {}),
                 strict=True,
             )
             for s, row in zip(micro, lp, strict=True)
@@ -286,12 +293,15 @@ class Learner:
         # ones, so they are taken from the same forward pass (detached) instead of a second one.
         on_policy = self.opts.ppo_epochs == 1 and len(plan.minibatches) == 1
         rollout = self._rollout_logprobs(flat)
+        encoded: dict[str, EncodedPrompt] = {}  # the batch's prompts, encoded once for the call
         old: dict[int, torch.Tensor] = {}
         if self.loss_opts.use_rollout_logprobs:
             old = rollout
         elif not on_policy:
             for micro, lp in zip(
-                chunk(flat, self.opts.micro_batch_size), self._score(self.engine, flat), strict=True
+                chunk(flat, self.opts.micro_batch_size),
+                self._score(self.engine, flat, encoded),
+                strict=True,
             ):
                 old.update({id(s): lp[i, : len(s.completion_ids)] for i, s in enumerate(micro)})
 
@@ -304,7 +314,9 @@ class Learner:
                 micros = chunk(samples, self.opts.micro_batch_size)
                 for i, micro in enumerate(micros):
                     self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-                    step = self._rl_micro_step(micro, old, rollout, on_policy, n_tok, n_seq)
+                    step = self._rl_micro_step(
+                        micro, encoded, old, rollout, on_policy, n_tok, n_seq
+                    )
                     accumulate(sums, step)
                 accumulate(sums, self._optimizer_step())
                 sums["lr"] += lr
@@ -335,6 +347,7 @@ class Learner:
     def _rl_micro_step(
         self,
         micro: list[TrainSample],
+        encoded: dict[str, EncodedPrompt],
         old: dict[int, torch.Tensor],
         rollout: dict[int, torch.Tensor],
         on_policy: bool,
@@ -348,7 +361,7 @@ class Learner:
         empty when `on_policy` (then the current ones, detached). `rollout`: pi_behav, or empty.
         """
         lo = self.loss_opts
-        batch = self._policy_batch(micro)
+        batch = self._policy_batch(micro, encoded)
         mask = batch.completion_mask.to(self.device)  # [b, C]
         logprobs, entropy = self._completion_scores(
             self.engine, batch, lo.temperature, with_entropy=True
@@ -428,10 +441,12 @@ class Learner:
         (samples,) = plan.minibatches
         rollout = self._rollout_logprobs(samples)
         old = rollout if self.loss_opts.use_rollout_logprobs else {}
-        micros = chunk(samples, self.opts.micro_batch_size)
+        micros, encoded = chunk(samples, self.opts.micro_batch_size), {}
         for i, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-            self._rl_micro_step(micro, old, rollout, True, plan.num_tokens[0], plan.num_seqs[0])
+            self._rl_micro_step(
+                micro, encoded, old, rollout, True, plan.num_tokens[0], plan.num_seqs[0]
+            )
         grads = [
             (name, safe_get_full_grad(p).detach().cpu().clone())
             for name, p in self.engine.module.named_parameters()
@@ -451,7 +466,7 @@ class Learner:
         micros = chunk(samples, self.opts.micro_batch_size)
         for i, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-            batch = self._policy_batch(micro)
+            batch = self._policy_batch(micro, {})  # SFT prompts are distinct: nothing to share
             mask = batch.completion_mask.to(self.device)
             logprobs, _ = self._completion_scores(self.engine, batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens

@@ -105,25 +105,31 @@ class PolicyBatch:
 
 
 def build_policy_batch(
-    processor: Any, samples: Sequence[TrainSample], pad_token_id: int
+    processor: Any,
+    samples: Sequence[TrainSample],
+    pad_token_id: int,
+    encoded: dict[str, EncodedPrompt] | None = None,
 ) -> PolicyBatch:
     """Collate samples for a forward pass that scores their completion tokens.
 
-    Each distinct prompt is encoded once (a GRPO group shares one). Where a sample carries the
-    prompt ids the rollout generated from, the encoding must equal them: a mismatch means the two
-    sides' processors differ. SFT samples carry none and take the encoding as it is.
+    Each distinct prompt is encoded once (a GRPO group shares one) and kept in `encoded`, by
+    prompt id: a caller that collates several micro-batches of one rollout batch passes the same
+    dict to each, so a prompt's image goes through the processor once per batch, not once per
+    micro-batch and pass (on the demo that was a third of the learner's step). Where a sample
+    carries the prompt ids the rollout generated from, the encoding must equal them: a mismatch
+    means the two sides' processors differ. SFT samples carry none and take the encoding as it is.
     """
-    encoded: dict[str, EncodedPrompt] = {}
+    encoded = {} if encoded is None else encoded
     for s in samples:
-        if s.prompt.id not in encoded:
-            enc = encode_prompt(processor, s.prompt)
-            if s.prompt_ids and enc.input_ids != list(s.prompt_ids):
-                raise ValueError(
-                    f"prompt {s.prompt.id!r}: the learner's encoding ({len(enc.input_ids)} tokens) "
-                    f"differs from the rollout's ({len(s.prompt_ids)} tokens); "
-                    "rollout and learner must use the same processor settings"
-                )
-            encoded[s.prompt.id] = enc
+        enc = encoded.get(s.prompt.id)
+        if enc is None:
+            enc = encoded[s.prompt.id] = encode_prompt(processor, s.prompt)
+        if s.prompt_ids and enc.input_ids != list(s.prompt_ids):
+            raise ValueError(
+                f"prompt {s.prompt.id!r}: the learner's encoding ({len(enc.input_ids)} tokens) "
+                f"differs from the rollout's ({len(s.prompt_ids)} tokens); "
+                "rollout and learner must use the same processor settings"
+            )
     prompt_ids = [encoded[s.prompt.id].input_ids for s in samples]
 
     seq_len = max(len(p) + len(s.completion_ids) for p, s in zip(prompt_ids, samples, strict=True))
@@ -134,7 +140,7 @@ def build_policy_batch(
     completion_ids = torch.zeros((B, comp_len), dtype=torch.long)
     completion_mask = torch.zeros((B, comp_len))
     logit_index = torch.zeros((B, comp_len), dtype=torch.long)
-    vision = any(e.pixel_values is not None for e in encoded.values())
+    vision = any(encoded[s.prompt.id].pixel_values is not None for s in samples)
     mm_token_type_ids = torch.zeros((B, seq_len), dtype=torch.long)
     pixel_values, grids = [], []
 
