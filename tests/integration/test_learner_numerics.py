@@ -302,9 +302,10 @@ def test_truncated_is_correction_on_agreeing_and_shifted_rollout_logprobs(local_
     """behaviour_is_cap with rollout log-probs equal to the learner's own trains as the plain
     loss does (w = 1); shifted ones show up in the mismatch and weight metrics.
 
-    Two mini-batches per step: pi_prox is the learner's own recomputed log-probs (a separate
-    scoring pass), not the rollout's. The learner's scores and its training forward batch the
-    samples differently (padding), so they agree to float32 noise, not bit for bit."""
+    Two mini-batches per step: pi_prox is the learner's own log-probs at the start of the step
+    (the first mini-batch's from its training forward, the second's from a scoring pass), not
+    the rollout's. The learner's scores and its training forward batch the samples differently
+    (padding), so they agree to float32 noise, not bit for bit."""
     model_dir, samples = model_case
     opts = LearnerOptions(micro_batch_size=2, num_minibatches=2)
     optim = OptimOptions(lr=1e-2, total_steps=10)
@@ -372,3 +373,49 @@ def test_truncated_is_correction_on_agreeing_and_shifted_rollout_logprobs(local_
     finally:
         for r in ranks:
             ray.kill(r)
+
+
+@pytest.mark.parametrize("model_case", ["qwen2-text"], indirect=True)
+def test_every_mini_batch_takes_its_ratio_against_the_policy_at_the_start_of_the_step(
+    local_ray, model_case
+):
+    """Two mini-batches, one epoch. The first mini-batch's old log-probs come from its own
+    training forward and only the second is scored before the first optimizer step; the step
+    must equal one given every old log-prob up front (the learner's scores at the start, passed
+    as the rollout's under use_rollout_logprobs). Were the second mini-batch's taken after the
+    first step moved the policy, its ratios would be 1 and its update another."""
+    model_dir, samples = model_case
+    opts = LearnerOptions(micro_batch_size=2, num_minibatches=2)
+    optim = OptimOptions(lr=1e-2, total_steps=10)
+
+    def one_step(loss, with_start_scores):
+        ranks = start_ranks(model_dir, opts, loss)
+        try:
+            ray.get([r.start_stage.remote(optim) for r in ranks])
+            before = dict(ray.get(ranks[0].named_parameters.remote()))
+            batch = samples
+            if with_start_scores:
+                batch = shifted_logprobs(
+                    samples, ray.get([r.score.remote(samples) for r in ranks])[0]
+                )
+            plans = plan_rank_batches(batch, len(ranks), num_minibatches=2)
+            metrics = combine_rank_metrics(
+                ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plans, strict=True)])
+            )
+            after = dict(ray.get(ranks[0].named_parameters.remote()))
+        finally:
+            for r in ranks:
+                ray.kill(r)
+        return metrics, {name: after[name] - before[name] for name in before}
+
+    ours, moved = one_step(LossOptions(kl_coef=0.0), with_start_scores=False)
+    given, moved_given = one_step(
+        LossOptions(kl_coef=0.0, use_rollout_logprobs=True), with_start_scores=True
+    )
+    assert ours["optim_steps"] == given["optim_steps"] == 2
+    assert ours["ratio_mean"] != pytest.approx(1.0, abs=1e-3)  # the first step moved the policy
+    for key in ("loss", "pg_loss", "ratio_mean", "clip_frac"):
+        assert ours[key] == pytest.approx(given[key], rel=1e-4, abs=1e-6), key
+    assert max(float(d.abs().max()) for d in moved.values()) > 1e-3
+    for name, delta in moved.items():
+        assert torch.allclose(delta, moved_given[name], atol=1e-5), name

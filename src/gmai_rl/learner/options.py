@@ -87,8 +87,9 @@ class LossOptions:
     run's config ties it to rollout.temperature)."""
     use_rollout_logprobs: bool = False
     """Take old log-probs from the rollout engine instead of recomputing them here (saves the
-    learner's scoring pass when it takes several mini-batches or epochs per batch; the clip is
-    then centred on the engine's policy). Not with behaviour_is_cap."""
+    learner's scoring pass over every mini-batch but the first, which takes its own from its
+    training forward; the clip is then centred on the engine's policy). Not with
+    behaviour_is_cap."""
     behaviour_is_cap: float | None = None
     """Off-policy correction (AReaL's decoupled PPO with veRL's truncated importance sampling,
     gmai_rl.algo.loss.truncated_is_weights): the clip stays centred on the learner's own log-probs

@@ -289,33 +289,45 @@ class Learner:
         """
         self.engine.train()
         flat = [s for mb in plan.minibatches for s in mb]
-        # One epoch over one mini-batch is exactly on-policy: the old log-probs equal the current
-        # ones, so they are taken from the same forward pass (detached) instead of a second one.
+        # One epoch over one mini-batch is exactly on-policy: every sample is trained on before
+        # the policy moves.
         on_policy = self.opts.ppo_epochs == 1 and len(plan.minibatches) == 1
         rollout = self._rollout_logprobs(flat)
         encoded: dict[str, EncodedPrompt] = {}  # the batch's prompts, encoded once for the call
         old: dict[int, torch.Tensor] = {}
         if self.loss_opts.use_rollout_logprobs:
             old = rollout
-        elif not on_policy:
+        else:
+            # pi_prox, the policy at the start of the call. The first mini-batch's come from its
+            # own training forward (detached): no optimizer step has moved the policy before it.
+            # Only the later ones need a scoring pass now, before the first step: with the
+            # default two mini-batches that pass is half as long.
+            later = [s for mb in plan.minibatches[1:] for s in mb]
             for micro, lp in zip(
-                chunk(flat, self.opts.micro_batch_size),
-                self._score(self.engine, flat, encoded),
+                chunk(later, self.opts.micro_batch_size),
+                self._score(self.engine, later, encoded),
                 strict=True,
             ):
                 old.update({id(s): lp[i, : len(s.completion_ids)] for i, s in enumerate(micro)})
 
         sums: dict[str, float] = defaultdict(float)
-        for _ in range(self.opts.ppo_epochs):
-            for samples, n_tok, n_seq in zip(
-                plan.minibatches, plan.num_tokens, plan.num_seqs, strict=True
+        for epoch in range(self.opts.ppo_epochs):
+            for m, (samples, n_tok, n_seq) in enumerate(
+                zip(plan.minibatches, plan.num_tokens, plan.num_seqs, strict=True)
             ):
                 lr = self._set_lr()
                 micros = chunk(samples, self.opts.micro_batch_size)
                 for i, micro in enumerate(micros):
                     self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
                     step = self._rl_micro_step(
-                        micro, encoded, old, rollout, on_policy, n_tok, n_seq
+                        micro,
+                        encoded,
+                        old,
+                        rollout,
+                        on_policy,
+                        n_tok,
+                        n_seq,
+                        fresh=epoch == 0 and m == 0,
                     )
                     accumulate(sums, step)
                 accumulate(sums, self._optimizer_step())
@@ -353,12 +365,16 @@ class Learner:
         on_policy: bool,
         n_tok: int,
         n_seq: int,
+        fresh: bool,
     ) -> dict[str, float]:
         """One forward/backward of the clipped loss on a micro-batch; its metric sums.
 
-        `old`: the log-probs the ratio is taken against, by sample (the rollout's under
-        `use_rollout_logprobs`, else the learner's own at the start of the step, pi_prox), or
-        empty when `on_policy` (then the current ones, detached). `rollout`: pi_behav, or empty.
+        `old`: the log-probs the ratio is taken against, by sample: the rollout's under
+        `use_rollout_logprobs`, else the learner's own at the start of the call (pi_prox).
+        `fresh`: no optimizer step has moved the policy since the call began, so a sample
+        missing from `old` takes its current log-probs (detached), which are recorded in `old`
+        for later epochs. `rollout`: pi_behav, or empty. `on_policy`: the whole call is one
+        optimizer step (then the rollout's old log-probs can be compared with the learner's).
         """
         lo = self.loss_opts
         batch = self._policy_batch(micro, encoded)
@@ -367,11 +383,7 @@ class Learner:
             self.engine, batch, lo.temperature, with_entropy=True
         )  # [b, C] each
         assert entropy is not None
-        old_logprobs = (
-            _pad_rows([old[id(s)] for s in micro], mask).to(self.device)
-            if old
-            else logprobs.detach()
-        )  # [b, C]
+        old_logprobs = old_logprobs_of(micro, old, logprobs, mask, fresh)  # [b, C]
         behaviour = (
             _pad_rows([rollout[id(s)] for s in micro], mask).to(self.device) if rollout else None
         )  # [b, C]
@@ -445,7 +457,14 @@ class Learner:
         for i, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
             self._rl_micro_step(
-                micro, encoded, old, rollout, True, plan.num_tokens[0], plan.num_seqs[0]
+                micro,
+                encoded,
+                old,
+                rollout,
+                True,
+                plan.num_tokens[0],
+                plan.num_seqs[0],
+                fresh=True,
             )
         grads = [
             (name, safe_get_full_grad(p).detach().cpu().clone())
@@ -663,6 +682,29 @@ def _load_on_rank0(module: torch.nn.Module, path: Path, rank: int) -> None:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=partitioned):
                 if rank == 0 or not partitioned:
                     param.data.copy_(weights.get_tensor(name))
+
+
+def old_logprobs_of(
+    micro: Sequence[TrainSample],
+    old: dict[int, torch.Tensor],
+    current: torch.Tensor,
+    mask: torch.Tensor,
+    fresh: bool,
+) -> torch.Tensor:
+    """[b, C] old log-probs of a micro-batch, on `current`'s device: from `old` (by sample), or,
+    for a micro-batch trained on before any optimizer step (`fresh`) and not yet in `old`, the
+    `current` ones detached, which are then recorded in `old` for later epochs."""
+    known = [id(s) in old for s in micro]
+    if all(known):
+        return _pad_rows([old[id(s)] for s in micro], mask).to(current.device)
+    if not fresh or any(known):
+        raise RuntimeError(
+            "a micro-batch has no old log-probs after an optimizer step moved the policy: "
+            "only the first mini-batch of a call may take them from its own forward"
+        )
+    detached = current.detach()
+    old.update({id(s): detached[i, : len(s.completion_ids)] for i, s in enumerate(micro)})
+    return detached
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
