@@ -432,6 +432,9 @@ class Cluster:
         """The rollout workers' policy version: weight pushes loaded (`sync_weights`)."""
         self.sync_generation = 0
         """Formations of the weight-sync group: one more each time it is re-formed."""
+        self.learner_host = ""
+        """Learner rank 0's node address, where the learner group's and the sync group's stores
+        live (found at the start)."""
         self.closed = False
         """Shut down: nothing is replaced any more."""
         self.sync_lock = threading.RLock()
@@ -492,6 +495,7 @@ class Cluster:
         # The learner group's rendezvous lives on learner rank 0's node: a probe task in its
         # bundle finds the node's address and reserves a port there.
         master_addr, master_port = self._probe_learner_node()
+        self.learner_host = master_addr
         world = cfg.cluster.learner_ranks
 
         def start_learners() -> list[Any]:
@@ -610,9 +614,13 @@ class Cluster:
         before any is awaited: each join blocks until the whole group is there); rank 0 then
         plans the buckets. Returns the group's backend and world size."""
         cfg, timeout = self.cfg, self.cfg.cluster.start_timeout_s
-        # The group's store lives on learner rank 0's node, on a port reserved there just now
-        # (a reservation lasts a minute; the actors' start before this can take longer).
-        host, port = self._probe_learner_node()
+        # The group's store lives on learner rank 0's node, on a port rank 0 reserves just now
+        # (a reservation lasts a minute; the actors' start before this can take longer). Asked
+        # of the running rank: a probe task would start a worker process (~12 s on 2 cores).
+        host = self.learner_host
+        (port,) = _await_start(
+            "start", self._calls(self.learners[:1], "learner rank", "reserve_port"), timeout
+        )
         learners, rollouts = self.learners, self.rollouts
         members = _await_start(
             "start", self._calls(rollouts, "rollout worker", "sync_members"), timeout

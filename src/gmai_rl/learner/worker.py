@@ -36,7 +36,7 @@ from gmai_rl.models.scoring import completion_scores, forward_replaced, packed_f
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.buffers import FlatBuffers
-from gmai_rl.sync.group import SyncGroup, init_sync_group
+from gmai_rl.sync.group import SyncGroup, find_free_port, init_sync_group
 from gmai_rl.sync.weights import DEFAULT_MAX_IN_FLIGHT, param_specs, push_weights
 from gmai_rl.types import TrainSample
 
@@ -639,6 +639,11 @@ class Learner:
 
     def ping(self) -> int:
         return self.rank
+
+    def reserve_port(self) -> int:
+        """A port reserved on this rank's node (`find_free_port`), for a store it will host: the
+        weight-sync group's, which rank 0 joins next."""
+        return find_free_port()
 
     def release_cached_memory(self) -> None:
         """Hand the CUDA caching allocator's free blocks back to the device, so that a colocated
