@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from gmai_rl.sync.buckets import Bucket, plan_buckets
-from gmai_rl.sync.group import SyncGroup, SyncGroupError
+from gmai_rl.sync.group import ABORT_KEY, SyncGroup, SyncGroupError
 from gmai_rl.sync.inflight import (
     COMPLETED,
     MAX_PAUSE_S,
+    TIMED_OUT,
     Clock,
     InFlight,
     Transfer,
@@ -90,15 +91,31 @@ def plan_for(model: torch.nn.Module) -> list[Bucket]:
 
 def test_wait_until_done_stops_exactly_at_the_deadline() -> None:
     fake = FakeClock()
-    assert wait_until_done(COMPLETED, deadline=-1.0, clock=fake.clock())  # done: no sleep
+    assert wait_until_done(COMPLETED, deadline=-1.0, clock=fake.clock()) is None  # no sleep
     assert fake.t == 0.0
-    assert not wait_until_done(Never(), deadline=2.0, clock=fake.clock())
+    assert wait_until_done(Never(), deadline=2.0, clock=fake.clock()) == TIMED_OUT
     assert fake.t == pytest.approx(2.0)  # never sleeps past it
+
+
+def test_wait_until_done_stops_as_soon_as_it_is_interrupted() -> None:
+    fake = FakeClock()
+    asked = []
+
+    def interrupted() -> str | None:
+        asked.append(fake.t)
+        return "rollout worker 1 died" if fake.t >= 0.5 else None
+
+    why = wait_until_done(Never(), deadline=60.0, clock=fake.clock(), interrupted=interrupted)
+    assert why == "rollout worker 1 died"
+    assert 0.5 <= fake.t < 0.5 + MAX_PAUSE_S  # the next poll after the request, not the deadline
+    # Asked between polls only: a transfer that is done is never held up by the check.
+    assert wait_until_done(COMPLETED, 60.0, fake.clock(), interrupted) is None
+    assert len(asked) == len([t for t in asked if t <= fake.t])
 
 
 def test_wait_until_done_backs_off_but_not_beyond_the_longest_pause() -> None:
     fake = FakeClock()
-    assert wait_until_done(Lagging(lag=40), deadline=100.0, clock=fake.clock())
+    assert wait_until_done(Lagging(lag=40), deadline=100.0, clock=fake.clock()) is None
     # 40 polls: the pauses double up to MAX_PAUSE_S, then stay there.
     assert 0 < fake.t <= 40 * MAX_PAUSE_S
 
@@ -169,6 +186,9 @@ class LaggingSender:
     def broken(self, message: str) -> Exception:
         self.events.append(("broken", message))
         return SyncGroupError(f"{message} (fake group, rank {self.rank})")
+
+    def abort_reason(self) -> str | None:
+        return None
 
 
 def bucket_gather(model: torch.nn.Module, plan: list[Bucket], events: list[tuple]):
@@ -283,9 +303,12 @@ def test_a_bucket_that_never_completes_fails_the_push_at_its_deadline(bound: int
     )
     assert str(info.value) == f"{message} (fake group, rank 0)"
     assert events.count(("broken", message)) == 1
-    # Bucket 1 stalled; the sender sent `bound` buckets and opened no further one.
+    # Bucket 1 stalled; the sender sent `bound` buckets and nothing after the failure...
     assert [e for e in events if e[0] == "broadcast"] == [("broadcast", i) for i in range(bound)]
-    assert ("gather", bound) not in events
+    # ...but still gathered and released every bucket, in order: under ZeRO-3 the other
+    # learner ranks gather each one with rank 0, and stopping early would leave them waiting.
+    walked = [e for e in events if e[0] in ("gather", "release")]
+    assert walked == [(what, i) for i in range(len(plan)) for what in ("gather", "release")]
     assert fake.t == pytest.approx(2.0)  # at the (fake) deadline, not a poll later
 
 
@@ -335,6 +358,9 @@ class LaggingReceiver:
 
     def broken(self, message: str) -> Exception:
         return SyncGroupError(message)
+
+    def abort_reason(self) -> str | None:
+        return None
 
 
 def sent_payloads(model: torch.nn.Module, plan: list[Bucket]) -> list[torch.Tensor]:
@@ -456,7 +482,87 @@ def test_nccl_blocking_broadcast_waits_for_completion_and_reports_a_failed_colle
     assert group._pg.aborted
 
 
-def test_gloo_broadcasts_are_complete_when_they_return() -> None:
-    group = SyncGroup("h", 1, 0, 2, "gloo", 1.0, CPU, None, FakeNcclBackend([FakeWork(False)]))
-    # gloo's wait() blocks until done, so the transfer is never polled (is_completed is False).
-    assert group.start_broadcast(torch.zeros(1)) is COMPLETED
+class FakeGlooBackend:
+    """Point-to-point sends and receives that complete, or fail for the peers in `dead` (a
+    closed connection fails the send call itself; one closed mid-transfer fails its wait)."""
+
+    def __init__(self, dead_at_call=(), dead_at_wait=()) -> None:
+        self.dead_at_call, self.dead_at_wait = set(dead_at_call), set(dead_at_wait)
+        self.sent: list[tuple[int, int]] = []  # (peer, tag)
+        self.received: list[tuple[int, int]] = []
+
+    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeWork:
+        if peer in self.dead_at_call:
+            raise RuntimeError(f"Connection closed by peer {peer}")
+        self.sent.append((peer, tag))
+        dead = peer in self.dead_at_wait
+        return FakeWork(True, error=f"Connection reset by peer {peer}" if dead else None)
+
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeWork:
+        self.received.append((peer, tag))
+        return FakeWork(
+            True, error="Connection closed by peer 0" if peer in self.dead_at_wait else None
+        )
+
+    def abort(self) -> None:
+        raise AssertionError("gloo groups are never aborted")
+
+
+def test_gloo_rank0_sends_to_every_receiver_and_goes_on_without_a_dead_one() -> None:
+    backend = FakeGlooBackend(dead_at_wait={2})
+    group = SyncGroup("h", 1, 0, 4, "gloo", 1.0, CPU, None, backend)
+    assert group.start_broadcast(torch.zeros(1)) is COMPLETED  # done when it returns
+    assert backend.sent == [(1, 1), (2, 1), (3, 1)]
+    assert list(group.lost) == [2] and "Connection reset by peer 2" in group.lost[2]
+    backend.dead_at_call.add(3)  # its connection is known closed by the next transfer
+    group.broadcast(torch.zeros(1))
+    assert backend.sent[3:] == [(1, 2)]  # rank 2 skipped, rank 3's send failed at the call
+    assert sorted(group.lost) == [2, 3]
+    group.broadcast(torch.zeros(1))  # the push goes on for the one left
+    assert backend.sent[4:] == [(1, 3)]
+
+
+def test_a_gloo_receiver_takes_each_transfer_from_rank_0_and_breaks_when_rank_0_goes() -> None:
+    backend = FakeGlooBackend()
+    group = SyncGroup("h", 1, 2, 3, "gloo", 1.0, CPU, None, backend)
+    group.broadcast(torch.zeros(1))
+    assert backend.received == [(0, 1)]  # the tag counts transfers, as on rank 0
+    backend.dead_at_wait.add(0)
+    with pytest.raises(SyncGroupError, match="failed: Connection closed by peer 0"):
+        group.broadcast(torch.zeros(1))
+    with pytest.raises(SyncGroupError, match="unusable after an earlier failure"):
+        group.broadcast(torch.zeros(1))
+
+
+class FakeStore:
+    """rank 0's store as the abort check reads it."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+        self.checks = 0
+
+    def check(self, keys: list[str]) -> bool:
+        self.checks += 1
+        return all(k in self.keys for k in keys)
+
+    def get(self, key: str) -> bytes:
+        return self.keys[key]
+
+
+def test_a_nccl_wait_stops_when_an_abort_is_requested_and_aborts_the_communicator() -> None:
+    store = FakeStore()
+    backend = FakeNcclBackend([FakeWork(True), FakeWork(False)])
+    group = SyncGroup("h", 1, 1, 3, "nccl", 60.0, CPU, store, backend)
+    group.broadcast(torch.zeros(1))  # the probe: completes
+    store.keys[ABORT_KEY] = b"rollout worker 0 died"
+    # Stopped by the request, not by the 60 s deadline (whose message says "did not complete").
+    with pytest.raises(SyncGroupError, match="stopped: aborted: rollout worker 0 died"):
+        group.broadcast(torch.zeros(2))
+    assert backend.aborted
+
+
+def test_the_abort_check_reads_the_store_at_most_every_poll_interval() -> None:
+    store = FakeStore()
+    group = SyncGroup("h", 1, 1, 3, "nccl", 60.0, CPU, store, FakeNcclBackend([]))
+    assert [group.abort_reason() for _ in range(1000)] == [None] * 1000
+    assert store.checks == 1

@@ -35,6 +35,9 @@ class BlockingGroup:
     def broken(self, message: str) -> Exception:
         raise AssertionError(f"a completed broadcast cannot time out: {message}")
 
+    def abort_reason(self) -> str | None:
+        return None
+
 
 class RecordingGroup(BlockingGroup):
     """Stands in for SyncGroup: logs each broadcast and keeps what the sender sent."""

@@ -6,12 +6,21 @@ backend's list API. Every wait is bounded by `timeout_s`, and every failure is r
 `SyncGroupError` naming host:port, rank, world size and timeout; a group that timed out is dead
 (build a new one). Why this shape, and the measured timeouts: docs/weight-sync.md.
 
-gloo collectives block the calling thread and enforce the timeout themselves. A NCCL collective
-only queues work on the GPU, so the host bounds the wait itself: `start_broadcast` returns a
-`Transfer` whose `done()` polls the NCCL work, and whoever waits on it (`broadcast`, `barrier`,
-the window in sync/inflight.py) gives up at start + timeout_s and calls `broken`, which aborts
-the NCCL communicator. NCCL's own watchdog is set `NCCL_WATCHDOG_GRACE_S` later, as a backstop:
-left to fire first, it would take the whole process down.
+How a member's death ends a push at once, by backend:
+- gloo: rank 0 sends each transfer to every receiver point to point, and each receiver takes it
+  from rank 0 (`_gloo_transfer`). A dead receiver's connection is closed by its kernel, so rank
+  0's send to it fails at once; rank 0 records it in `lost` and completes the push for the
+  others. (gloo's own broadcast cannot do this: its receivers wait on a buffer that no peer's
+  death wakes, measured: a survivor sat out the whole timeout even after rank 0 closed its group
+  or exited.) gloo calls block the calling thread and enforce the timeout themselves.
+- NCCL: a collective only queues work on the GPU, and a dead peer on the same node leaves it
+  spinning. The host bounds the wait itself: `start_broadcast` returns a `Transfer` whose
+  `done()` polls the NCCL work, and whoever waits on it (`broadcast`, `barrier`, the window in
+  sync/inflight.py) gives up at start + timeout_s, or as soon as someone who saw a member die
+  (the driver, told by Ray) asks the group to stop through rank 0's store (`request_abort`,
+  `abort_reason`), and calls `broken`, which aborts the NCCL communicator. NCCL's own watchdog
+  is set `NCCL_WATCHDOG_GRACE_S` later, as a backstop: left to fire first, it would take the
+  whole process down.
 """
 
 from __future__ import annotations
@@ -26,10 +35,16 @@ from typing import Any
 import torch
 from torch.distributed import BroadcastOptions, TCPStore  # type: ignore[attr-defined]
 
-from gmai_rl.sync.inflight import COMPLETED, SYSTEM_CLOCK, Transfer, wait_until_done
+from gmai_rl.sync.inflight import COMPLETED, SYSTEM_CLOCK, TIMED_OUT, Transfer, wait_until_done
 
 BACKENDS = ("gloo", "nccl")
 DEFAULT_TIMEOUT_S = 300.0
+ABORT_KEY = "gmai_rl/abort"
+"""Set in rank 0's store to stop every member's waits on the group (its value says why)."""
+ABORT_POLL_S = 0.1
+"""How often a member waiting on a NCCL transfer asks the store whether to stop: a round trip to
+rank 0's store every 0.1 s costs nothing next to a transfer, and ends a wait on a dead member
+within a fraction of a second of the request."""
 NCCL_WATCHDOG_GRACE_S = 60.0
 """How much later than our own deadline NCCL's watchdog times a collective out. Our wait aborts
 the communicator at the deadline, which ends the stuck kernel; the watchdog then sees the work
@@ -92,6 +107,13 @@ class SyncGroup:
     _store: Any = field(repr=False)
     _pg: Any = field(repr=False)
     _failure: str | None = field(default=None, repr=False)
+    lost: dict[int, str] = field(default_factory=dict)
+    """gloo, rank 0: receivers whose transfer failed (a dead process, a pair that timed out), by
+    group rank, with the error; later transfers skip them and go on for the others."""
+    _transfers: int = field(default=0, repr=False)
+    """Transfers started on this group: the tag of the next gloo send/receive pair (every
+    member starts the same transfers in the same order, so the counts agree)."""
+    _abort_checked: float = field(default=float("-inf"), repr=False)
 
     def _where(self) -> str:
         return (
@@ -128,9 +150,10 @@ class SyncGroup:
 
         Every member must call it with a tensor of the same numel and dtype, in the same order
         relative to the group's other collectives. On `src` the tensor is read, elsewhere
-        overwritten. gloo: returns when the broadcast is done (`COMPLETED`). NCCL: returns once
-        it is queued; work queued later on the current CUDA stream already sees the data, but
-        the host may touch or free the tensor, or hand it to another stream, only after the
+        overwritten. gloo: returns when the transfer is done (`COMPLETED`); on `src`, a receiver
+        it could not reach is recorded in `lost` instead of raising. NCCL: returns once it is
+        queued; work queued later on the current CUDA stream already sees the data, but the
+        host may touch or free the tensor, or hand it to another stream, only after the
         returned transfer's `done()` (which raises `SyncGroupError` if the broadcast failed).
 
         Args:
@@ -141,20 +164,62 @@ class SyncGroup:
         if not tensor.is_contiguous():
             raise ValueError("broadcast needs a contiguous tensor")
         what = f"broadcast of {tensor.numel()} {tensor.dtype} elements from rank {src}"
+        self._transfers += 1
+        if self.backend == "gloo":
+            self._gloo_transfer(tensor, src, what)
+            return COMPLETED
         opts = BroadcastOptions()
         opts.rootRank = src
         try:
             work = self._pg.broadcast([tensor], opts)
-            # gloo: blocks until done or timeout_s. NCCL: makes the current stream wait for
-            # the collective and returns at once (ProcessGroupNCCL's WorkNCCL::wait without a
-            # timeout); it also releases the work's own reference to the tensor, so from here
-            # on the tensor lives exactly as long as its caller keeps it.
+            # NCCL: makes the current stream wait for the collective and returns at once
+            # (ProcessGroupNCCL's WorkNCCL::wait without a timeout); it also releases the work's
+            # own reference to the tensor, so from here on the tensor lives exactly as long as
+            # its caller keeps it.
             work.wait()
         except RuntimeError as err:
             raise self.broken(f"{what} failed: {err}") from err
-        if self.backend == "gloo":
-            return COMPLETED
         return _NcclTransfer(work, what, self)
+
+    def _gloo_transfer(self, tensor: torch.Tensor, src: int, what: str) -> None:
+        """`src` sends `tensor` to every receiver not yet lost, all sends started before any is
+        awaited; a receiver takes it from `src`. A send that fails (the receiver died, or did
+        not take the data within timeout_s) loses that receiver only."""
+        tag = self._transfers
+        if self.rank != src:
+            try:
+                self._pg.recv([tensor], src, tag).wait()
+            except RuntimeError as err:
+                raise self.broken(f"{what} failed: {err}") from err
+            return
+        sends = {}
+        for peer in range(self.world_size):
+            if peer == src or peer in self.lost:
+                continue
+            try:
+                sends[peer] = self._pg.send([tensor], peer, tag)
+            except RuntimeError as err:  # a connection already closed fails the call itself
+                self.lost[peer] = f"{what} failed: {err}"
+        for peer, work in sends.items():
+            try:
+                work.wait()
+            except RuntimeError as err:
+                self.lost[peer] = f"{what} failed: {err}"
+
+    def abort_reason(self) -> str | None:
+        """Why someone asked every member to stop waiting on this group (`request_abort`), or
+        None. Reads rank 0's store at most every ABORT_POLL_S; a store that cannot be read
+        (rank 0 gone) is a reason too."""
+        now = time.monotonic()
+        if self._store is None or now - self._abort_checked < ABORT_POLL_S:
+            return None
+        self._abort_checked = now
+        try:
+            if not self._store.check([ABORT_KEY]):
+                return None
+            return f"aborted: {self._store.get(ABORT_KEY).decode()}"
+        except (RuntimeError, TimeoutError) as err:
+            return f"rank 0's store cannot be reached ({err})"
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """`start_broadcast`, then wait until it is done (at most `timeout_s`). Blocking on
@@ -179,8 +244,12 @@ class SyncGroup:
             self._settle(_NcclTransfer(work, "barrier", self), started, "barrier")
 
     def _settle(self, transfer: Transfer, started: float, what: str) -> None:
-        if not wait_until_done(transfer, started + self.timeout_s, SYSTEM_CLOCK):
+        deadline = started + self.timeout_s
+        why = wait_until_done(transfer, deadline, SYSTEM_CLOCK, self.abort_reason)
+        if why == TIMED_OUT:
             raise self.broken(f"{what} did not complete within {self.timeout_s:g} s")
+        if why is not None:
+            raise self.broken(f"{what} stopped: {why}")
 
     def destroy(self) -> None:
         """Release the group's connections (and NCCL communicators). Idempotent.
@@ -289,7 +358,26 @@ def init_sync_group(
     # creates its communicator lazily on the first collective, and it is better to find a
     # broken link here, while every member is in this call, than inside the first weight push.
     group.broadcast(torch.zeros(1, device=group.device), src=0)
+    if group.lost:
+        group.destroy()
+        raise SyncGroupError(f"{where}: members unreachable after joining: {group.lost}")
     return group
+
+
+def request_abort(host: str, port: int, reason: str, timeout_s: float = 5.0) -> None:
+    """Ask every member of the group whose store is at host:port to stop waiting on it, saying
+    why (e.g. "rollout worker 1 died"). Called by whoever saw a member die: the driver, told by
+    Ray. NCCL members see it within ABORT_POLL_S and abort their communicator; gloo members
+    never wait on a dead peer (see the module docstring), so it changes nothing for them.
+
+    Raises:
+        SyncGroupError: rank 0's store could not be reached within `timeout_s`.
+    """
+    try:
+        store = TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        store.set(ABORT_KEY, reason)
+    except (RuntimeError, TimeoutError) as err:
+        raise SyncGroupError(f"could not ask sync group {host}:{port} to abort: {err}") from err
 
 
 _GENERATION_KEY = "gmai_rl/generation"

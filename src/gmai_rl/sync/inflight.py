@@ -6,8 +6,9 @@ bucket would then hold every bucket's buffer at once (up to a second copy of the
 stalled peer would surface only through NCCL's watchdog. `InFlight` is a window of at most
 `limit` transfers that the host has started but not yet seen complete, each with the buffer it
 reads or writes: before allocating the next buffer the sender makes room by waiting for the
-oldest, every wait ends at that transfer's deadline (start + timeout), and a missed deadline
-raises the error the caller builds (`SyncGroup.broken`: abort the group, name it).
+oldest, every wait ends at that transfer's deadline (start + timeout) or as soon as the caller's
+`interrupted` check gives a reason (a member died: stop now), and either raises the error the
+caller builds (`SyncGroup.broken`: abort the group, name it).
 
 Pure of torch and of any process group: a `Transfer` is anything with a non-blocking `done()`
 (gloo's blocking collectives hand back `COMPLETED`), and time comes from a `Clock`, so tests
@@ -59,17 +60,33 @@ class Clock:
 SYSTEM_CLOCK = Clock()
 
 
-def wait_until_done(transfer: Transfer, deadline: float, clock: Clock = SYSTEM_CLOCK) -> bool:
-    """Poll `transfer.done()` until it is True (-> True) or `clock.now()` reaches `deadline`
-    (-> False). Never sleeps past the deadline."""
+TIMED_OUT = "timed out"
+"""What `wait_until_done` returns when the deadline passed first."""
+
+
+def _never() -> str | None:
+    return None
+
+
+def wait_until_done(
+    transfer: Transfer,
+    deadline: float,
+    clock: Clock = SYSTEM_CLOCK,
+    interrupted: Callable[[], str | None] = _never,
+) -> str | None:
+    """Poll `transfer.done()` until it is True (-> None), `clock.now()` reaches `deadline` (->
+    TIMED_OUT) or `interrupted()` gives a reason to stop waiting (-> that reason). Never sleeps
+    past the deadline; `interrupted` is asked between polls, so it must be cheap."""
     pause = FIRST_PAUSE_S
     while not transfer.done():
         left = deadline - clock.now()
         if left <= 0:
-            return False
+            return TIMED_OUT
+        if (reason := interrupted()) is not None:
+            return reason
         clock.sleep(min(pause, left))
         pause = min(2 * pause, MAX_PAUSE_S)
-    return True
+    return None
 
 
 @dataclass
@@ -91,24 +108,29 @@ class InFlight(Generic[T]):
     Args:
         limit: transfers allowed in flight, >= 1 (1: start one, wait for it, start the next).
         timeout_s: each transfer must be done within this long after `add`.
-        on_timeout: builds the exception raised when a deadline passes, from a sentence naming
-            the transfer (e.g. `SyncGroup.broken`, which also aborts the group).
+        on_failure: builds the exception raised when a wait ends without the transfer done,
+            from a sentence naming the transfer and why (e.g. `SyncGroup.broken`, which also
+            aborts the group).
         clock: time source for the deadlines.
+        interrupted: asked while waiting; a reason ends the wait at once (see
+            `wait_until_done`), e.g. `SyncGroup.abort_reason`.
     """
 
     def __init__(
         self,
         limit: int,
         timeout_s: float,
-        on_timeout: Callable[[str], Exception],
+        on_failure: Callable[[str], Exception],
         clock: Clock = SYSTEM_CLOCK,
+        interrupted: Callable[[], str | None] = _never,
     ) -> None:
         if limit < 1:
             raise ValueError(f"at least one transfer must be allowed in flight, got {limit}")
         self.limit = limit
         self.timeout_s = timeout_s
-        self._on_timeout = on_timeout
+        self._on_failure = on_failure
         self._clock = clock
+        self._interrupted = interrupted
         self._pending: deque[_Pending[T]] = deque()
 
     def __len__(self) -> int:
@@ -125,14 +147,18 @@ class InFlight(Generic[T]):
         """Block until the oldest transfer is done; forget it and return its buffer.
 
         Raises:
-            The `on_timeout` exception if its deadline passes first (the window then stops
-            tracking it: a group that timed out is not waited on again).
+            The `on_failure` exception if its deadline passes or the wait is interrupted first
+            (the window then stops tracking every transfer: a failed group is not waited on
+            again).
         """
         pending = self._pending.popleft()
-        if not wait_until_done(pending.transfer, pending.deadline, self._clock):
+        why = wait_until_done(pending.transfer, pending.deadline, self._clock, self._interrupted)
+        if why is not None:
             self._pending.clear()
-            raise self._on_timeout(
+            raise self._on_failure(
                 f"{pending.what} did not complete within {self.timeout_s:g} s of being sent"
+                if why == TIMED_OUT
+                else f"{pending.what} stopped: {why}"
             )
         return pending.buffer
 

@@ -57,6 +57,10 @@ class Broadcaster(Protocol):
         """See `SyncGroup.broken`: the error to raise when a transfer missed its deadline."""
         ...
 
+    def abort_reason(self) -> str | None:
+        """See `SyncGroup.abort_reason`: a reason to stop waiting now, or None."""
+        ...
+
 
 class PlanMismatchError(RuntimeError):
     """The receiver's bucket plan differs from the sender's."""
@@ -107,7 +111,15 @@ def send_weights(
     bucket k waits until bucket k - `max_in_flight` is done: at most `max_in_flight` flat
     buffers exist at a time, however far ahead of the GPU the host could run. Each wait ends at
     `group.timeout_s` after that bucket's broadcast started, with `group.broken`'s error (for
-    `SyncGroup`: a `SyncGroupError` naming the bucket, the group, the rank and the timeout).
+    `SyncGroup`: a `SyncGroupError` naming the bucket, the group, the rank and the timeout), or
+    sooner when `group.abort_reason()` gives a reason (a member died).
+
+    A failure on rank 0 (a transfer that failed, missed its deadline or was stopped) does not
+    end the loop: every later bucket is still opened and closed, without sending, and the
+    failure is raised after the last one. Under ZeRO-3 each bucket's gather is a collective of
+    every learner rank, so a rank 0 that stopped early would leave the others' gathers, and the
+    next training step's, out of step. With gloo a receiver that cannot be reached is no
+    failure: `SyncGroup` records it in `group.lost` and the push goes on for the others.
 
     Args:
         group: learner rank 0's sync group (must be group rank 0), or None on the other learner
@@ -132,27 +144,46 @@ def send_weights(
             "time)"
         )
     window: InFlight[torch.Tensor] | None = None
+    failure: Exception | None = None
     if group is not None:
         if group.rank != 0:
             raise ValueError(f"weights are sent from sync-group rank 0, this is rank {group.rank}")
-        _broadcast_and_wait(group, _fingerprint_tensor(plan, group.device), clock)
-        window = InFlight(max_in_flight, group.timeout_s, group.broken, clock)
+        window = InFlight(max_in_flight, group.timeout_s, group.broken, clock, group.abort_reason)
+        try:
+            _broadcast_and_wait(group, _fingerprint_tensor(plan, group.device), clock)
+        except Exception as err:
+            failure = err
     sent: dict[str, str] | None = {} if group is not None and verify else None
     for index, bucket in enumerate(plan):
-        if window is not None:
-            window.make_room()
+        # After a failure every bucket is still opened and closed, nothing sent: under ZeRO-3
+        # the other learner ranks gather each bucket with this one, and a rank that stopped
+        # early would leave their gathers (and the next training step's) out of step.
+        sending = window is not None and failure is None
+        if sending and window is not None:
+            try:
+                window.make_room()
+            except Exception as err:
+                failure, sending = err, False
         with open_bucket(bucket) as tensors:
-            if group is None or window is None:
+            if not sending or group is None or window is None:
                 continue
             slot = index % max_in_flight
-            flat = flatten(bucket, tensors, out=_flat_buffer(bucket, group.device, buffers, slot))
-            window.add(_describe(plan, index), group.start_broadcast(flat, src=0), flat)
+            try:
+                flat = flatten(
+                    bucket, tensors, out=_flat_buffer(bucket, group.device, buffers, slot)
+                )
+                window.add(_describe(plan, index), group.start_broadcast(flat, src=0), flat)
+            except Exception as err:
+                failure = err
+                continue
             if sent is not None:
                 # The sender's buffer is only read by the broadcast: safe to read now.
                 sent.update(checksums(unflatten(bucket, flat)))
             del flat  # the window's reference is the one that must decide its lifetime
-    if window is not None:
+    if window is not None and failure is None:
         window.drain()
+    if failure is not None:
+        raise failure
     return sent
 
 
@@ -283,7 +314,9 @@ def _broadcast_and_wait(
     group: Broadcaster, tensor: torch.Tensor, clock: Clock, what: str = "the plan fingerprint"
 ) -> torch.Tensor:
     """Broadcast `tensor` from rank 0 and return it once done (bounded by the group's timeout)."""
-    window: InFlight[torch.Tensor] = InFlight(1, group.timeout_s, group.broken, clock)
+    window: InFlight[torch.Tensor] = InFlight(
+        1, group.timeout_s, group.broken, clock, group.abort_reason
+    )
     window.add(what, group.start_broadcast(tensor, src=0), tensor)
     return window.wait_oldest()
 
