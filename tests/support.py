@@ -61,7 +61,8 @@ def running_cluster(cfg: Any) -> Iterator[Any]:
     """A local Ray instance and a started `Cluster` for `cfg`; both torn down on exit."""
     import ray
 
-    from gmai_rl.cluster import Cluster, init_ray
+    from gmai_rl.cluster.cluster import Cluster
+    from gmai_rl.cluster.session import init_ray
 
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), previous]))

@@ -38,7 +38,9 @@ from gmai_rl.checkpoint import (
     prune,
     resolve_resume,
 )
-from gmai_rl.cluster import Cluster, check_output_dir, ray_session
+from gmai_rl.cluster.cluster import Cluster
+from gmai_rl.cluster.environment import check_output_dir
+from gmai_rl.cluster.session import ray_session
 from gmai_rl.config import AlgoConfig, TrainConfig, validate
 from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt

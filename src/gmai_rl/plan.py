@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmai_rl.cluster import plan_bundles, resource_shortfall
+from gmai_rl.cluster.placement import plan_bundles, resource_shortfall
 from gmai_rl.config import TrainConfig
 from gmai_rl.data import format_question
 from gmai_rl.models.loading import (

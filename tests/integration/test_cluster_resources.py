@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from gmai_rl.cluster import ActorDiedError, Cluster, InsufficientResourcesError, init_ray
+from gmai_rl.cluster.cluster import Cluster
+from gmai_rl.cluster.errors import ActorDiedError, InsufficientResourcesError
+from gmai_rl.cluster.session import init_ray
 from gmai_rl.loop import run
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from gmai_rl.cluster import ActorDiedError, StageTimeoutError
+from gmai_rl.cluster.errors import ActorDiedError, StageTimeoutError
 from gmai_rl.feed import ItemSampler, load_datasets
 from gmai_rl.learner.rank_metrics import NonFiniteTrainingError
 from gmai_rl.loop import make_train_samples, rl_step, rollout_fn
@@ -110,7 +110,7 @@ def test_a_killed_rollout_worker_is_replaced_and_its_prompts_generated_again(tra
     kill_process_of(replaced)
     metrics = step_with_all_prompts(cfg, cluster, sampler)
     assert metrics["rollout_restarts"] == 1 and metrics["reward_restarts"] == 0
-    assert cluster.rollouts[1] is not replaced and cluster.sync_generation == 1
+    assert cluster.rollouts[1] is not replaced and cluster.sync.generation == 1
 
 
 def test_a_rollout_worker_that_dies_at_the_weight_push_is_replaced_with_the_new_weights(trainer):
@@ -124,7 +124,7 @@ def test_a_rollout_worker_that_dies_at_the_weight_push_is_replaced_with_the_new_
     recovered_s = time.monotonic() - started
     print(f"weight push with a dead rollout worker: recovered in {recovered_s:.1f} s")
     assert cluster.rollouts[0] is not replaced and cluster.rollout_restarts == 2
-    assert cluster.sync_generation == 2
+    assert cluster.sync.generation == 2
     learner = checksums(cluster.learner_weights().items())
     assert cluster.rollout_checksums() == [learner] * len(cluster.rollouts)
     assert cluster.policy_version() == version + 1

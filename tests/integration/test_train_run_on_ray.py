@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from gmai_rl.cluster import init_ray
+from gmai_rl.cluster.session import init_ray
 from gmai_rl.dashboards import run_name
 from gmai_rl.loop import run
 from gmai_rl.ray_metrics import metrics_endpoint

@@ -40,7 +40,7 @@ def trainer(small_config, tmp_path_factory):
 def test_rollout_workers_start_with_the_learners_weights(trainer):
     _, cluster = trainer
     expected = checksums(cluster.learner_weights().items())
-    assert len(expected) == sum(len(bucket.specs) for bucket in cluster.sync_plan)
+    assert len(expected) == sum(len(bucket.specs) for bucket in cluster.sync.full_plan)
     assert cluster.rollout_checksums() == [expected] * len(cluster.rollouts)
 
 
@@ -64,20 +64,20 @@ def test_training_steps_change_the_policy_and_every_worker_follows(trainer):
         assert cluster.rollout_checksums() == [expected] * len(cluster.rollouts)
         assert cluster.policy_version() == record.policy_version
     after = cluster.learner_weights()
-    trainable = {s.name for b in cluster.trainable_plan for s in b.specs}
+    trainable = {s.name for b in cluster.sync.trainable_plan for s in b.specs}
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed <= trainable and len(changed) > len(trainable) // 2
 
 
 def test_frozen_parameters_leave_the_push_plan_after_the_first_push(trainer):
     _, cluster = trainer
-    full = {s.name for b in cluster.sync_plan for s in b.specs}
-    trainable = {s.name for b in cluster.trainable_plan for s in b.specs}
+    full = {s.name for b in cluster.sync.full_plan for s in b.specs}
+    trainable = {s.name for b in cluster.sync.trainable_plan for s in b.specs}
     frozen = full - trainable
     assert frozen and all(".visual." in f or f.startswith("model.visual.") for f in frozen)
     # After the first push (the first RL step's), only trainable parameters travel; the
     # workers' frozen ones still equal the learner's (checked over the full plan above).
-    assert cluster.frozen_pushed and cluster.push_plan() == cluster.trainable_plan
+    assert cluster.sync.frozen_pushed and cluster.sync.plan() == cluster.sync.trainable_plan
 
 
 def test_ranks_hold_identical_parameters_after_training(trainer):

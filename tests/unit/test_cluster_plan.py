@@ -3,13 +3,10 @@ the config without Ray."""
 
 import pytest
 
-from gmai_rl.cluster import (
-    Cluster,
-    RestartLimit,
-    contiguous_shares,
-    plan_bundles,
-    sync_backend,
-)
+from gmai_rl.cluster.cluster import Cluster
+from gmai_rl.cluster.placement import contiguous_shares, plan_bundles, sync_backend
+from gmai_rl.cluster.recovery import RestartLimit
+from gmai_rl.cluster.weight_sync import WeightSync
 from gmai_rl.config import ClusterConfig
 from support import train_config
 
@@ -68,8 +65,7 @@ def test_colocation_needs_one_worker_per_rank():
     ],
 )
 def test_only_colocated_vllm_engines_with_sleep_mode_sleep_during_training(overrides, sleeps):
-    cluster = Cluster(train_config(*overrides), [], [], [], None, [])
-    assert cluster.rollouts_sleep is sleeps
+    assert Cluster(train_config(*overrides), None).rollouts_sleep is sleeps
 
 
 def test_work_is_cut_into_contiguous_shares_in_worker_order():
@@ -78,11 +74,11 @@ def test_work_is_cut_into_contiguous_shares_in_worker_order():
 
 
 def test_frozen_parameters_travel_with_the_first_push_only():
-    cluster = Cluster(train_config(), [], [], [], None, ["full"])
-    cluster.trainable_plan = ["trainable"]
-    assert cluster.push_plan() == ["full"]
-    cluster.frozen_pushed = True  # what a successful sync_weights records
-    assert cluster.push_plan() == ["trainable"]
+    sync = WeightSync(train_config(), None, sleeps=False)
+    sync.full_plan, sync.trainable_plan = ["full"], ["trainable"]
+    assert sync.plan() == ["full"]
+    sync.frozen_pushed = True  # what a successful push records
+    assert sync.plan() == ["trainable"]
 
 
 def test_engines_that_drop_their_weights_in_sleep_get_every_push_whole():
@@ -92,9 +88,10 @@ def test_engines_that_drop_their_weights_in_sleep_get_every_push_whole():
         "rollout.vllm.enable_sleep_mode=true",
         "rollout.vllm.sleep_level=2",
     ]
-    cluster = Cluster(train_config(*sleeping), [], [], [], None, ["full"])
-    cluster.trainable_plan, cluster.frozen_pushed = ["trainable"], True
-    assert cluster.push_plan() == ["full"]
+    cluster = Cluster(train_config(*sleeping), None)
+    cluster.sync.full_plan, cluster.sync.trainable_plan = ["full"], ["trainable"]
+    cluster.sync.frozen_pushed = True
+    assert cluster.sync.plan() == ["full"]
 
 
 def test_the_restart_limit_counts_replacements_within_a_sliding_window():

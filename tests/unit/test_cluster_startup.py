@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gmai_rl.cluster import (
-    actor_env,
-    job_working_dir,
-    output_dir_error,
-    plan_bundles,
-    resource_shortfall,
-    run_demand,
-)
+from gmai_rl.cluster.environment import actor_env, job_working_dir, output_dir_error
+from gmai_rl.cluster.placement import plan_bundles, resource_shortfall, run_demand
 from gmai_rl.config import ClusterConfig
 from support import train_config
 

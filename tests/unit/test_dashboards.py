@@ -291,7 +291,7 @@ def test_ray_metrics_set_gauges_and_add_to_counters_tagged_with_the_run(monkeypa
 def test_a_local_ray_init_serves_metrics_on_the_configured_port(monkeypatch):
     import ray
 
-    from gmai_rl.cluster import init_ray
+    from gmai_rl.cluster.session import init_ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -41,7 +41,19 @@ LAYERS: list[list[str]] = [
 ]
 """Each layer's rooms, by module path under gmai_rl; the longest matching room wins."""
 
-PURE_ROOMS = ("types", "algo", "data", "reward.mcq", "reward.overlong", "sync.buckets")
+PURE_ROOMS = (
+    "types",
+    "algo",
+    "data",
+    "reward.mcq",
+    "reward.overlong",
+    "sync.buckets",
+    "cluster.placement",
+    "cluster.environment",
+    "cluster.errors",
+)
+"""Modules that import no heavy framework (the cluster's three are its arithmetic, its checks of
+the environment and its error classes: the pre-flight plan uses them without Ray)."""
 HEAVY = {"ray", "vllm", "deepspeed", "transformers"}
 MAY_IMPORT_RAY = ("cluster", "rollout", "learner", "reward.worker", "ray_metrics")
 """ray_metrics: the driver's own gauges in Ray's metrics system (a dashboards sink), kept out of
@@ -152,7 +164,7 @@ def test_only_the_cluster_and_the_actors_import_ray():
     found = modules()
     importers = {name for name, path in found.items() if "ray" in imports_of(path, set(found))[1]}
     assert importers and all(name.startswith(MAY_IMPORT_RAY) for name in importers), importers
-    assert "cluster" in importers and "loop" not in importers
+    assert "cluster.cluster" in importers and "loop" not in importers
 
 
 def test_pure_rooms_import_no_heavy_framework():
@@ -172,6 +184,18 @@ def test_importing_the_data_room_loads_nothing_heavy():
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == ""
+
+
+def test_the_pre_flight_plan_and_the_cluster_package_load_no_ray():
+    """`gmai-rl plan` runs on a laptop: the placement arithmetic it uses comes without Ray."""
+    code = (
+        "import sys, gmai_rl.cluster, gmai_rl.cluster.placement, gmai_rl.plan\n"
+        "print(','.join(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == ""
 

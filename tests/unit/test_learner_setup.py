@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gmai_rl.cluster import rollout_device
+from gmai_rl.cluster.actors import rollout_device
 from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions
 from gmai_rl.models.device import require_cuda

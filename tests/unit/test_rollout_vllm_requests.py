@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gmai_rl.cluster import sync_ranks
+from gmai_rl.cluster.placement import sync_ranks
 from gmai_rl.models.loading import ModelOptions, load_processor
 from gmai_rl.models.tokens import stop_token_ids, vision_token_ids
 from gmai_rl.rollout.base import EngineBrokenError
@@ -281,7 +281,7 @@ def test_sync_ranks_give_each_tp_worker_a_rank_after_the_learner():
 
 
 def test_colocated_gpu_actors_sync_over_gloo():
-    from gmai_rl.cluster import sync_backend
+    from gmai_rl.cluster.placement import sync_backend
     from gmai_rl.config import ClusterConfig
 
     gpus = {"gpus_per_learner": 1, "gpus_per_rollout_worker": 1}
@@ -328,6 +328,9 @@ class Wire:
 
         def broken(self, message: str) -> Exception:
             raise AssertionError(f"a completed broadcast cannot time out: {message}")
+
+        def abort_reason(self) -> str | None:
+            return None
 
 
 class FakeWorker(WeightSyncExtension):
@@ -605,7 +608,8 @@ def test_a_broken_engine_reaches_the_driver_as_a_worker_to_replace(monkeypatch):
     import ray
     from ray.exceptions import RayTaskError
 
-    from gmai_rl.cluster import ActorDiedError, _await
+    from gmai_rl.cluster.errors import ActorDiedError
+    from gmai_rl.cluster.waits import gather
 
     broken = EngineBrokenError("vLLM's reload failed: boom; the engine must be replaced")
 
@@ -614,11 +618,13 @@ def test_a_broken_engine_reaches_the_driver_as_a_worker_to_replace(monkeypatch):
             raise RayTaskError("receive_weights", "Traceback ...", broken).as_instanceof_cause()
         return ref
 
-    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (refs, []))
+    monkeypatch.setattr(
+        ray, "wait", lambda refs, num_returns, timeout: (refs[:num_returns], refs[num_returns:])
+    )
     monkeypatch.setattr(ray, "get", get)
     calls = [("rollout worker 0", "fine"), ("rollout worker 1", "broken")]
     with pytest.raises(ActorDiedError) as died:
-        _await("weight sync", calls, 10)
+        gather("weight sync", calls, 10)
     assert str(died.value) == f"weight sync: rollout worker 1 must be replaced: {broken}"
 
 

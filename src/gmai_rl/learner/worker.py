@@ -564,12 +564,16 @@ class Learner:
         plan: Sequence[Bucket],
         verify: bool = False,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-    ) -> dict[str, str] | None:
+    ) -> dict[str, Any] | None:
         """Broadcast the policy to the rollout workers; every rank calls (ZeRO-3 gathers).
-        `max_in_flight`: `sync.max_buckets_in_flight`."""
+        `max_in_flight`: `sync.max_buckets_in_flight`.
+
+        Returns, on rank 0: {"checksums": of what was sent (with `verify`) or None, "lost":
+        {group rank: why} of the receivers it could not reach (gloo: a dead member is dropped
+        and the push goes on for the others)}; None on the other ranks."""
         group = self.sync_group if self.rank == 0 else None
         module, stage = self.engine.module, self.opts.zero_stage
-        return push_weights(
+        sent = push_weights(
             module,
             plan,
             group,
@@ -578,6 +582,9 @@ class Learner:
             max_in_flight=max_in_flight,
             buffers=self.sync_buffers,
         )
+        if group is None:
+            return None
+        return {"checksums": sent, "lost": dict(group.lost)}
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Full (gathered) parameters on CPU; collective under ZeRO-3: call on every rank."""
