@@ -81,6 +81,228 @@ def running_cluster(cfg: Any) -> Iterator[Any]:
             os.environ["PYTHONPATH"] = previous
 
 
+def one_step(cluster: Any, sampler: Any, cfg: Any) -> Any:
+    """One RL step as the run takes it (`Pipeline.step`), on its own: its StepRecord."""
+    from gmai_rl.pipeline import Pipeline
+
+    with Pipeline(cluster, sampler, cfg, steps=1) as pipeline:
+        return pipeline.step(0)
+
+
+# -------------------------------------------------------------- faults at a chosen moment
+
+
+def process_title(pid: int) -> str:
+    """What a process calls itself: Ray titles an actor's process `ray::Class` while idle and
+    `ray::Class.method` while it runs a call. "" once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class KillWhen:
+    """SIGKILL the process `victim` (no clean-up runs, as with a pre-emption or the kernel's OOM
+    killer) the moment `moment(titles)` holds, `titles` being {pid: process_title} of `watched`.
+
+    A thread polls the titles every `poll_s`; `killed_at` (time.monotonic) records the kill. A
+    moment that never came leaves it None: the test then fails rather than passing without
+    the fault. Use as a context manager around the stage to hit.
+    """
+
+    def __init__(
+        self,
+        victim: int,
+        watched: Iterable[int],
+        moment: Callable[[dict[int, str]], bool],
+        poll_s: float = 0.001,
+    ) -> None:
+        import threading
+
+        self.victim, self.watched, self.moment, self.poll_s = victim, list(watched), moment, poll_s
+        self.killed_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import signal
+
+        while not self._stop.is_set():
+            if self.moment({pid: process_title(pid) for pid in self.watched}):
+                os.kill(self.victim, signal.SIGKILL)
+                self.killed_at = time.monotonic()
+                return
+            time.sleep(self.poll_s)
+
+    def __enter__(self) -> KillWhen:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def titled(method: str, *among: int) -> Callable[[dict[int, str]], bool]:
+    """A `KillWhen` moment: one of `among` (every watched process if none given) runs a call
+    whose title ends with `method`, e.g. titled("RolloutWorker.generate")."""
+    return lambda titles: any(
+        title == f"ray::{method}" for pid, title in titles.items() if not among or pid in among
+    )
+
+
+# ------------------------------------------------------------------ the cluster, without Ray
+
+WAIT_S = 10
+"""How long a fake stage waits for another thread's; a test fails, not hangs, past it."""
+
+
+@dataclass
+class Event:
+    """One stage the fake cluster ran: which, on which thread, at which policy version."""
+
+    what: str
+    thread: str
+    """"main" or "ahead" (the pipeline's thread)."""
+    version: int
+    prompts: tuple[str, ...] = ()
+
+
+class FakeCluster:
+    """The one fake of the cluster (gmai_rl.cluster.protocol.TrainingCluster) that the driver's
+    tests share: every stage without Ray, recorded as an `Event` in `events`.
+
+    Completions: `n` per prompt, each of two tokens, text `answer(prompt, k)` (default "c{k}").
+    Rewards: the first completion of every group is right ({"total": 1}, the rest 0), except
+    those `failed(group index, k)` names, which get `failed_reward(timed_out)`. Prompts whose
+    ids are in `dropped` come back dropped (no completions: their image went after the load).
+    Generation `fail_at` (1-based, counting every call) raises `fault` instead.
+    For the pipeline: training call i (0-based) in `overlap` waits, up to WAIT_S, for
+    generation i + 1 on another thread; `overlapped` says whether each saw it in time.
+    """
+
+    def __init__(
+        self,
+        version: int = 0,
+        *,
+        answer: Callable[[Any, int], str] | None = None,
+        dropped: Iterable[str] = (),
+        failed: Callable[[int, int], bool] | None = None,
+        timed_out: bool = False,
+        overlap: Iterable[int] = (),
+        fail_at: int | None = None,
+        fault: BaseException | None = None,
+    ) -> None:
+        import threading
+
+        self.version = version
+        self.rollout_restarts = self.reward_restarts = 0
+        self.events: list[Event] = []
+        self.answer = answer or (lambda prompt, k: f"c{k}")
+        self.dropped, self.failed, self.timed_out = set(dropped), failed, timed_out
+        self.overlap, self.overlapped = set(overlap), []
+        self.fail_at, self.fault = fail_at, fault
+        self.generations = self.ahead_generations = 0
+        self.ahead = threading.Condition()
+        self.trained: list[Any] = []
+        self.scored: list[int] = []
+        self.sft_batches: list[int] = []
+
+    def record(self, what: str, prompts: Iterable[Any] = ()) -> Event:
+        import threading
+
+        thread = "main" if threading.current_thread() is threading.main_thread() else "ahead"
+        event = Event(what, thread, self.version, tuple(p.id for p in prompts))
+        self.events.append(event)
+        return event
+
+    def calls(self) -> list[str]:
+        return [e.what for e in self.events]
+
+    def generated(self) -> list[tuple[str, ...]]:
+        return [e.prompts for e in self.events if e.what == "generate"]
+
+    def generate(self, prompts: Any, n: int, sampling: Any) -> list[Any]:
+        from gmai_rl.types import Completion, Group
+
+        self.generations += 1
+        if self.generations == self.fail_at:
+            raise self.fault or RuntimeError("rollout worker 0 lost its engine")
+        if self.record("generate", prompts).thread == "ahead":
+            with self.ahead:
+                self.ahead_generations += 1
+                self.ahead.notify_all()
+        return [
+            Group(p, [], [], self.version, dropped=f"missing_image: {p.images}")
+            if p.id in self.dropped
+            else Group(
+                p,
+                [1],
+                [Completion([1, 2], self.answer(p, k), [-0.1, -0.2]) for k in range(n)],
+                self.version,
+            )
+            for p in prompts
+        ]
+
+    def score(self, groups: Any, items: Any) -> None:
+        from gmai_rl.types import failed_reward
+
+        self.record("score")
+        # As the real one: one breakdown per completion, so a dropped group gets none.
+        self.scored.append(sum(len(g.completions) for g in groups))
+        for i, g in enumerate(groups):
+            g.rewards = [
+                failed_reward(timed_out=self.timed_out)
+                if self.failed is not None and self.failed(i, k)
+                else {"total": float(k == 0)}
+                for k in range(len(g.completions))
+            ]
+
+    def start_stage(self, optim: Any, reset_reference: bool = False) -> None:
+        self.record("start_stage")
+
+    def train(self, samples: Any, num_minibatches: int) -> dict[str, float]:
+        self.record("train")
+        self.trained = list(samples)
+        i = len(self.overlapped)
+        with self.ahead:
+            seen = i in self.overlap and self.ahead.wait_for(
+                lambda: self.ahead_generations > i, WAIT_S
+            )
+        self.overlapped.append(seen)
+        return {"loss": 0.5}
+
+    def train_sft(self, samples: Any) -> dict[str, float]:
+        self.record("train_sft")
+        self.sft_batches.append(len(samples))
+        return {"sft_loss": 1.0, "lr": 1e-4}
+
+    def sleep_rollouts(self) -> None:
+        self.record("sleep")
+
+    def wake_rollouts(self) -> None:
+        self.record("wake")
+
+    def sync_weights(self, verify: bool) -> int:
+        self.record("sync")
+        self.version += 1
+        return self.version
+
+    def save_state(self, folder: str) -> None:
+        self.record("save_state")
+
+    def restore_state(self, folder: str, policy_version: int) -> None:
+        self.record("restore_state")
+        self.version = policy_version
+
+    def save(self, path: str) -> None:
+        self.record("save")
+
+    def shutdown(self) -> None:
+        self.record("shutdown")
+
+
 # --------------------------------------------------------------------- rewards for the tests
 
 
@@ -98,7 +320,9 @@ FAULTS_DIR_ENV = "GMAI_RL_TEST_FAULTS_DIR"
 
 def length_reward_with_faults(completion: str, item: Any) -> dict[str, float]:
     """`length_reward`, and faults on request: a file "die" (or "hang") in $GMAI_RL_TEST_FAULTS_DIR
-    makes the first reward worker to claim it (an atomic rename) exit at once (or hang)."""
+    makes the first reward worker to claim it (an atomic rename) exit at once (or hang); while a
+    file "slow" is there, every completion takes SLOW_REWARD_S to score (a moment long enough to
+    inject a fault into)."""
     folder = os.environ.get(FAULTS_DIR_ENV)
     for fault in ("die", "hang") if folder else ():
         try:
@@ -108,9 +332,12 @@ def length_reward_with_faults(completion: str, item: Any) -> dict[str, float]:
         if fault == "die":
             os._exit(1)
         time.sleep(3600)
+    if folder and os.path.exists(os.path.join(folder, "slow")):
+        time.sleep(SLOW_REWARD_S)
     return length_reward(completion, item)
 
 
+SLOW_REWARD_S = 0.05
 FAULTY_REWARD = "support:length_reward_with_faults"
 
 

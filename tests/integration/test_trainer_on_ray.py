@@ -1,8 +1,8 @@
 """The distributed trainer on a local Ray cluster: rollout + reward + DeepSpeed learners + sync.
 
 Real components throughout (Ray actors in a placement group, a 2-rank ZeRO-2 engine on gloo, HF
-generate, the gloo weight-sync group) on the tiny offline model, driven by the driver's own
-`rl_step`.
+generate, the gloo weight-sync group) on the tiny offline model, driven by the run's own step
+(`Pipeline.step`).
 """
 
 import dataclasses
@@ -14,10 +14,9 @@ import torch
 
 from gmai_rl.data import build_prompt
 from gmai_rl.feed import ItemSampler, load_datasets
-from gmai_rl.loop import rl_step
 from gmai_rl.sync.weights import checksums
 from gmai_rl.types import SamplingParams
-from support import LENGTH_REWARD, running_cluster
+from support import LENGTH_REWARD, one_step, running_cluster
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -50,7 +49,7 @@ def test_training_steps_change_the_policy_and_every_worker_follows(trainer):
     before = cluster.learner_weights()
     start_version = cluster.policy_version()
     for step in range(2):
-        record = rl_step(cluster, sampler, cfg)  # sync.verify: raises if any tensor differs
+        record = one_step(cluster, sampler, cfg)  # sync.verify: raises if any tensor differs
         assert len(record.groups) == cfg.algo.prompts_per_step
         assert {g.policy_version for g in record.groups} == {start_version + step}  # on-policy
         rewards = [r["total"] for g in record.groups for r in g.rewards]
@@ -111,8 +110,8 @@ def test_the_one_step_off_pipeline_trains_on_batches_one_push_old(trainer):
     """`algo.max_staleness=1` on the real actors: the next batch is generated (on the driver's
     second thread) while the learners train, by the policy pushed before; every worker ends with
     the learners' weights."""
-    from gmai_rl.loop import Pipeline
     from gmai_rl.metrics import step_metrics
+    from gmai_rl.pipeline import Pipeline
 
     cfg, cluster = trainer
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, max_staleness=1))

@@ -2,8 +2,9 @@
 
     types -> pure rooms (algo, data, reward rules, sync plan) -> models, sync transport
           -> actors (rollout, learner, reward worker) -> config -> cluster, Ray metrics -> progress
-          -> driver support (feed, metrics, evaluate, plan) -> run outputs (dashboards, report)
-          -> loop -> entry points (train, synth) -> cli
+          -> driver support (feed, metrics, evaluate, plan) -> a step's batch (batches)
+          -> run outputs (dashboards, report) -> the step (pipeline) -> the run (loop)
+          -> entry points (train, synth) -> cli
 
 Read from the source (every import statement, including those inside functions, which are
 arrows too), so the test sees what `sys.modules` would hide once another test imported it all.
@@ -34,7 +35,9 @@ LAYERS: list[list[str]] = [
     ["cluster", "ray_metrics"],
     ["progress"],
     ["feed", "metrics", "evaluate", "plan", "checkpoint"],
+    ["batches"],
     ["dashboards", "report"],
+    ["pipeline"],
     ["loop"],
     ["train", "synth"],
     ["cli"],

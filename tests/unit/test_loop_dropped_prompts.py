@@ -9,13 +9,14 @@ from collections.abc import Sequence
 
 import pytest
 
+from gmai_rl.batches import collect_groups
 from gmai_rl.config import AlgoConfig
 from gmai_rl.evaluate import summarize
 from gmai_rl.feed import ItemSampler
-from gmai_rl.loop import collect_groups, evaluate, rl_step
+from gmai_rl.loop import evaluate
 from gmai_rl.metrics import eval_line, step_metrics
 from gmai_rl.types import Completion, Group, MCQItem, Prompt
-from support import train_config
+from support import FakeCluster, one_step, train_config
 
 
 def item(i: int) -> MCQItem:
@@ -58,7 +59,7 @@ def test_a_dropped_prompt_is_named_counted_and_refilled(caplog: pytest.LogCaptur
     first = [it.id for it in ItemSampler(draws.items, seed=0).take(4)]
     lost = int(first[1][1:])
     rollout = DroppingRollout(lost={lost})
-    with caplog.at_level(logging.WARNING, logger="gmai_rl.loop"):
+    with caplog.at_level(logging.WARNING, logger="gmai_rl.batches"):
         groups, stats = collect_groups(rollout, draws, want=4, algo=AlgoConfig())
     assert len(groups) == 4 and all(g.dropped is None and g.completions for g in groups)
     assert f"q{lost}" not in [g.prompt.id for g in groups]
@@ -97,7 +98,7 @@ def test_without_refill_rounds_the_batch_is_filled_with_repeats_and_says_so(
 ) -> None:
     draws = sampler()
     lost = {int(i.id[1:]) for i in ItemSampler(draws.items, seed=0).take(4)[:2]}
-    with caplog.at_level(logging.WARNING, logger="gmai_rl.loop"):
+    with caplog.at_level(logging.WARNING, logger="gmai_rl.batches"):
         groups, stats = collect_groups(
             DroppingRollout(lost), draws, want=4, algo=AlgoConfig(max_refill_rounds=0)
         )
@@ -113,50 +114,12 @@ def test_a_step_where_every_prompt_is_dropped_stops_with_a_clear_error() -> None
     assert [len(call) for call in rollout.calls] == [4, 16, 16]  # at most 4x oversampling
 
 
-class DroppingCluster:
-    """An RL step's `Cluster`: prompts whose id is in `lost` come back dropped, as from the
-    rollout workers (cluster.generate passes the workers' groups through as they are)."""
-
-    def __init__(self, lost: set[str]) -> None:
-        self.lost = lost
-        self.version = 7  # the rollout workers' policy version, the groups' below
-        self.rollout_restarts = self.reward_restarts = 0
-        self.scored: list[int] = []
-        self.trained: list[object] = []
-
-    def generate(self, prompts: Sequence[Prompt], n: int, sampling: object) -> list[Group]:
-        return [
-            Group(p, [], [], 7, dropped=f"missing_image: {p.images}")
-            if p.id in self.lost
-            else Group(p, [1], [Completion([1, 2], f"c{k}", [-0.1, -0.2]) for k in range(n)], 7)
-            for p in prompts
-        ]
-
-    def score(self, groups: Sequence[Group], items: Sequence[MCQItem]) -> None:
-        # As the real one: one breakdown per completion, so a dropped group gets none.
-        pairs = [(c.text, it) for g, it in zip(groups, items, strict=True) for c in g.completions]
-        self.scored.append(len(pairs))
-        for g in groups:
-            g.rewards = [{"total": float(k == 0)} for k in range(len(g.completions))]
-
-    def sleep_rollouts(self) -> None: ...
-
-    def wake_rollouts(self) -> None: ...
-
-    def train(self, samples: list[object], num_minibatches: int) -> dict[str, float]:
-        self.trained = samples
-        return {"loss": 0.5}
-
-    def sync_weights(self, verify: bool) -> int:
-        return 8
-
-
 def test_an_rl_step_with_a_dropped_prompt_trains_on_a_full_batch_of_the_others() -> None:
     cfg = train_config("algo.prompts_per_step=3", "rollout.samples_per_prompt=4")
     draws = sampler(10)
     lost = ItemSampler(draws.items, seed=0).take(3)[0].id
-    cluster = DroppingCluster({lost})
-    record = rl_step(cluster, draws, cfg)  # type: ignore[arg-type]
+    cluster = FakeCluster(version=7, dropped={lost})
+    record = one_step(cluster, draws, cfg)
     assert len(record.groups) == 3 and len(cluster.trained) == 12
     assert lost not in {g.prompt.id for g in record.groups}
     # The dropped prompt's group had nothing to score; the refill (2 prompts at the keep rate
@@ -188,8 +151,8 @@ def test_an_evaluation_where_every_question_is_dropped_stops() -> None:
 
 def test_the_driver_evaluation_survives_a_dropped_question() -> None:
     cfg = train_config("cluster.rollout_workers=1", "rollout.max_batch_prompts=2")
-    cluster = DroppingCluster({"q2"})
-    summary = evaluate(cluster, [item(i) for i in range(5)], cfg)  # type: ignore[arg-type]
+    cluster = FakeCluster(dropped={"q2"})
+    summary = evaluate(cluster, [item(i) for i in range(5)], cfg)
     assert summary["n"] == 4 and summary["dropped"] == 1
 
 

@@ -18,12 +18,12 @@ import torch
 from gmai_rl.algo import token_logprobs
 from gmai_rl.data import build_prompt, load_mcq_jsonl
 from gmai_rl.feed import ItemSampler, load_datasets
-from gmai_rl.loop import evaluate, rl_step
+from gmai_rl.loop import evaluate
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import load_model, load_processor
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.types import SamplingParams, TrainSample
-from support import LENGTH_REWARD, running_cluster, train_config
+from support import LENGTH_REWARD, one_step, running_cluster, train_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 ray = pytest.importorskip("ray")
@@ -79,7 +79,7 @@ def test_grpo_steps_advance_the_policy_on_every_engine(trainer):
     for step in range(2):
         # sync.verify: raises if a checksum differs. The learner re-encodes each prompt and
         # checks it equals vLLM's prompt ids.
-        record = rl_step(cluster, sampler, cfg)
+        record = one_step(cluster, sampler, cfg)
         groups = record.groups
         assert len(groups) == 4 and {g.policy_version for g in groups} == {step}  # on-policy
         assert all(len(c.logprobs) == len(c.token_ids) for g in groups for c in g.completions)

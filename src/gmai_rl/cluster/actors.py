@@ -45,6 +45,8 @@ class Actors:
         self.learner_host = ""
         """Learner rank 0's node address, where the learner group's and the sync group's
         stores live."""
+        self.call_timeout_s = cfg.cluster.call_timeout_s
+        """The bound on every stage's calls (cluster.call_timeout_s), read by every stage."""
 
     def of(self, kind: str) -> list[Any]:
         return {LEARNER: self.learners, ROLLOUT: self.rollouts, REWARD: self.rewards}[kind]

@@ -45,7 +45,6 @@ class Cluster:
 
     def __init__(self, cfg: TrainConfig, placement_group: Any) -> None:
         self.cfg = cfg
-        self.timeout_s = cfg.cluster.call_timeout_s
         self.placement_group = placement_group
         # Colocated vLLM engines give their GPU memory back while the learners train.
         self.rollouts_sleep = (
@@ -96,6 +95,15 @@ class Cluster:
         remove_placement_group(self.placement_group)
 
     # ---------------------------------------------------------------------- what it holds
+
+    @property
+    def timeout_s(self) -> float:
+        """The bound on every stage's calls (cluster.call_timeout_s)."""
+        return self.actors.call_timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, seconds: float) -> None:
+        self.actors.call_timeout_s = seconds
 
     @property
     def learners(self) -> list[Any]:

@@ -44,9 +44,6 @@ from gmai_rl.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-PING_TIMEOUT_S = 60.0
-"""How long the liveness check before a push waits for idle workers to answer a ping."""
-
 
 @dataclass
 class RestartLimit:
@@ -98,9 +95,8 @@ class Recovery:
         live = self.live_rollouts()
         handles = [self.actors.rollouts[i] for i in live]
         calls = self.actors.calls(ROLLOUT, "ping", only=live)
-        for i, actor, outcome in zip(
-            live, handles, gather(stage, calls, PING_TIMEOUT_S, IN_PLACE), strict=True
-        ):
+        outcomes = gather(stage, calls, self.actors.call_timeout_s, IN_PLACE)
+        for i, actor, outcome in zip(live, handles, outcomes, strict=True):
             if died(outcome):
                 self.note_dead(i, actor, outcome)
 

@@ -144,7 +144,7 @@ class WeightSync:
         outcomes = gather(
             "weight sync",
             calls,
-            self.cfg.cluster.call_timeout_s,
+            self.actors.call_timeout_s,
             Policy(rollout_death, settle=True),
         )
         sent, received = outcomes[0], outcomes[n:]
@@ -193,7 +193,7 @@ class WeightSync:
     def set_versions(self, version: int) -> None:
         """Tell every rollout worker the policy version its weights are."""
         calls = self.actors.calls(ROLLOUT, "set_policy_version", version)
-        gather("policy version", calls, self.cfg.cluster.call_timeout_s)
+        gather("policy version", calls, self.actors.call_timeout_s)
         self.version = version
 
 
