@@ -30,10 +30,6 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step}"
-
-
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (partial folders are ignored)."""
     if not root.is_dir():

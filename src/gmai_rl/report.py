@@ -4,6 +4,8 @@
                                       the RL step, held-out evaluations marked
     report_markdown(...)              configuration, held-out accuracy before/after RL (overall
                                       and per modality), the time split
+    time_split(records, wall_s)       where the wall time went: stages that add up to it, and
+                                      the RL steps' parts within them
     write_report(out, cfg, result)    both files from metrics.jsonl and eval.json's content
 
 Both builders are pure: they take metrics.jsonl's records (dicts) and return a matplotlib Figure or
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +32,16 @@ Record = dict[str, Any]
 PANELS = ("reward", "accuracy", "response length", "KL", "entropy")
 """The figure's panels, in order (their axes titles)."""
 STAGE_LABELS = {
-    "generate": "RL: generate",
-    "reward": "RL: reward",
-    "train": "RL: train",
-    "sync": "RL: weight sync",
+    "generate": "generate",
+    "reward": "reward",
+    "train": "train",
+    "wait_rollout": "wait for the batches ahead",
+    "sync": "weight sync",
 }
-"""metrics.jsonl's time_<stage>_s keys of an RL step, as the time table names them."""
+"""metrics.jsonl's time_<stage>_s keys of an RL step's parts, in the time table's order and
+names (time_step_s is the step's wall time, not a part)."""
+RL_STEPS = "RL steps"
+OTHER = "other (checkpoints, shutdown)"
 
 
 def read_records(path: Path) -> list[Record]:
@@ -160,29 +167,79 @@ def config_summary(cfg: TrainConfig) -> list[tuple[str, str]]:
     ]
 
 
-def time_split(records: Sequence[Record], wall_s: float | None = None) -> list[tuple[str, float]]:
-    """(stage, total seconds) from metrics.jsonl: data preparation and start-up (the setup
-    record), SFT, each RL stage, held-out evaluation, and with the run's wall time what the
-    records do not cover (checkpoints, shutdown, the driver's own work between stages)."""
+@dataclass(frozen=True)
+class TimeSplit:
+    """Where a run's wall time went, in seconds (`time_split`)."""
+
+    rows: list[tuple[str, float]]
+    """Stages that do not overlap, in order; with the wall time given, the last one (`OTHER`) is
+    what the records do not cover, so they add up to it."""
+    rl_parts: list[tuple[str, float]]
+    """The RL steps' parts (`STAGE_LABELS`): within the `RL_STEPS` row, not added to the total.
+    With algo.max_staleness > 0 the next batches are generated while the learners train, so
+    the parts can add up to more than the steps took."""
+    untimed_steps: int = 0
+    """RL records without time_step_s (metrics.jsonl of older versions): each counts as the
+    sum of its parts."""
+    resumed_step: int | None = None
+    """The RL step a resumed run continued after: the split covers this process only."""
+
+    @property
+    def total(self) -> float:
+        return sum(s for _, s in self.rows)
+
+    @property
+    def rl(self) -> float:
+        return dict(self.rows)[RL_STEPS]
+
+    @property
+    def parts_overlap(self) -> bool:
+        parts = sum(s for _, s in self.rl_parts)
+        return parts > self.rl and not math.isclose(parts, self.rl)
+
+
+def time_split(records: Sequence[Record], wall_s: float | None = None) -> TimeSplit:
+    """Data preparation and start-up (the setup record), SFT, the RL steps (their time_step_s),
+    held-out evaluation and, with the run's wall time, what the records do not cover
+    (checkpoints, shutdown, the driver's own work between stages; never negative).
+
+    A resumed run's metrics.jsonl also holds the records from before the resume, whose wall
+    time is not known: only those from this process's setup record on are counted."""
+    setups = [i for i, r in enumerate(records) if r.get("stage") == "setup"]
+    records = records[setups[-1] :] if setups else records
     setup = by_stage(records, "setup")
+    parts: dict[str, float] = {}
+    rl_s, untimed = 0.0, 0
+    for r in by_stage(records, "rl"):
+        mine = {
+            key.removeprefix("time_").removesuffix("_s"): value
+            for key, value in r.items()
+            if key.startswith("time_") and key.endswith("_s") and key != "time_step_s"
+        }
+        for stage, s in mine.items():
+            parts[stage] = parts.get(stage, 0.0) + s
+        if "time_step_s" in r:
+            rl_s += r["time_step_s"]
+        else:
+            rl_s += sum(mine.values())
+            untimed += 1
     rows = [
         ("data preparation", sum(r.get("data_seconds", 0.0) for r in setup)),
         ("start-up (plan, Ray, actors)", sum(r.get("startup_seconds", 0.0) for r in setup)),
         ("SFT", sum(r.get("seconds", 0.0) for r in by_stage(records, "sft"))),
+        (RL_STEPS, rl_s),
+        ("held-out evaluation", sum(r.get("seconds", 0.0) for r in by_stage(records, "eval"))),
     ]
-    rl_seconds: dict[str, float] = {}
-    for r in by_stage(records, "rl"):
-        for key, value in r.items():
-            if key.startswith("time_") and key.endswith("_s"):
-                stage = key.removeprefix("time_").removesuffix("_s")
-                rl_seconds[stage] = rl_seconds.get(stage, 0.0) + value
-    rows += [(STAGE_LABELS.get(stage, f"RL: {stage}"), s) for stage, s in rl_seconds.items()]
-    rows.append(
-        ("held-out evaluation", sum(r.get("seconds", 0.0) for r in by_stage(records, "eval")))
-    )
     if wall_s is not None:
-        rows.append(("other (checkpoints, shutdown)", max(wall_s - sum(s for _, s in rows), 0.0)))
-    return rows
+        rows.append((OTHER, max(wall_s - sum(s for _, s in rows), 0.0)))
+    order = list(STAGE_LABELS)
+    ordered = sorted(parts, key=lambda s: order.index(s) if s in order else len(order))
+    return TimeSplit(
+        rows,
+        [(STAGE_LABELS.get(stage, stage), parts[stage]) for stage in ordered],
+        untimed,
+        setup[-1].get("resumed_step") if setup else None,
+    )
 
 
 def accuracy_rows(before: Record, after: Record) -> list[tuple[str, str, str, str]]:
@@ -245,16 +302,49 @@ def report_markdown(
         for key in ("reward_mean", "accuracy", "format_rate", "response_length_mean", "entropy"):
             if key in first and key in last:
                 lines.append(f"| {key} | {first[key]:.3f} | {last[key]:.3f} |")
-    split = time_split(records, wall_s)
-    total = sum(s for _, s in split)
-    lines += ["", "## Time", "", "| stage | seconds | share |", "|---|---:|---:|"]
-    lines += [
-        f"| {stage} | {s:.1f} | {100 * s / total if total else 0:.1f}% |" for stage, s in split
-    ]
-    lines.append(f"| total | {total:.1f} | |")
+    lines += ["", "## Time", "", *time_table(time_split(records, wall_s), wall_s is not None)]
     if figure:
         lines += ["", f"![reward, accuracy, response length, KL and entropy]({figure})"]
     return "\n".join(lines) + "\n"
+
+
+def time_table(split: TimeSplit, wall: bool) -> list[str]:
+    """The time split's markdown: its rows with their share of the total (the wall time when
+    `wall`), each RL part under the RL steps with its share of them, then what to know."""
+
+    def share(s: float, of: float) -> str:
+        return f"{100 * s / of:.1f}%" if of else "–"
+
+    lines = ["| stage | seconds | share |", "|---|---:|---:|"]
+    for stage, s in split.rows:
+        lines.append(f"| {stage} | {s:.1f} | {share(s, split.total)} |")
+        if stage == RL_STEPS:
+            lines += [
+                f"| ↳ {part} | {p:.1f} | {share(p, split.rl)} of RL steps |"
+                for part, p in split.rl_parts
+            ]
+    total = "total (wall time)" if wall else "total"
+    lines.append(f"| {total} | {split.total:.1f} | {share(split.total, split.total)} |")
+    notes = []
+    if split.parts_overlap:
+        parts = sum(s for _, s in split.rl_parts)
+        notes.append(
+            f"The RL steps' parts add up to {parts:.1f} s, more than the {split.rl:.1f} s the "
+            "steps took: they overlap (algo.max_staleness > 0 generates the next batches "
+            "while the learners train)."
+        )
+    if split.untimed_steps:
+        notes.append(
+            f"{split.untimed_steps} RL step(s) logged no wall time (time_step_s, metrics.jsonl "
+            "of an older version): their time is the sum of their parts."
+        )
+    if split.resumed_step is not None:
+        notes.append(
+            f"Resumed after RL step {split.resumed_step}: the times are this process's only."
+        )
+    for note in notes:
+        lines += ["", note]
+    return lines
 
 
 def _cell(text: str) -> str:

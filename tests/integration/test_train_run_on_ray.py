@@ -90,7 +90,8 @@ def check_report(out, saved):
     )
     for modality, accuracy in after["accuracy_by_modality"].items():
         assert f"| {modality} | " in text and f"| {100 * accuracy:.1f}% |" in text
-    for stage in ("start-up (plan, Ray, actors)", "SFT", "RL: generate", "RL: weight sync"):
+    stages = ("start-up (plan, Ray, actors)", "SFT", "RL steps", "↳ generate", "↳ weight sync")
+    for stage in (*stages, "total (wall time)"):
         assert f"| {stage} | " in text, stage
     assert "## RL steps (2)" in text
 
