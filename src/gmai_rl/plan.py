@@ -12,8 +12,11 @@ fit the nodes. Not estimated: activations (they depend on batch, sequence length
 checkpointing and the attention kernel), DeepSpeed's communication buckets and the CUDA context;
 the plan says so and reports the memory left for them.
 
-The arithmetic is small pure functions on counts and bytes; `read_model` is the only part that
-touches transformers (a model built on the meta device: no weights, no download beyond the config).
+The rollout engine's part (its memory, its rows of the table, why it cannot fit its GPU, its
+notes) and its window come from the engine's spec (`rollout.engines`): this module names no
+engine. The arithmetic is small pure functions on counts and bytes; `read_model` is the only part
+that touches transformers (a model built on the meta device: no weights, no download beyond the
+config).
 """
 
 from __future__ import annotations
@@ -36,20 +39,10 @@ from gmai_rl.models.loading import (
     is_vision_language_config,
     is_vision_parameter,
 )
-from gmai_rl.rollout.options import Backend
+from gmai_rl.rollout.engines import engine_spec
+from gmai_rl.rollout.sizing import GIB, EnginePlan, ModelShape, bytes_text, dtype_bytes
+from gmai_rl.rollout.spec import EngineInputs
 from gmai_rl.types import MCQItem
-
-GIB = 2**30
-MIB = 2**20
-
-VLLM_OVERHEAD_GIB = 4.0
-"""What a vLLM engine takes on each GPU besides weights and KV cache: the activation peak of its
-profiling run, CUDA graphs, the CUDA context and NCCL. vLLM measures it at start-up
-(`gpu_worker.determine_available_memory`); the plan assumes this much."""
-
-VLLM_CPU_KV_MIB = 256
-"""KV cache of a vLLM engine on CPU when rollout.vllm.kv_cache_memory_mb is unset
-(`rollout.vllm_requests.engine_args`)."""
 
 QUESTION_TOKENS = 512
 """Allowance for a question and its options when the data is not at hand (`gmai-rl plan` without
@@ -67,16 +60,6 @@ NOT_ESTIMATED = (
     "not estimated: activations (forward/backward, logits), DeepSpeed communication buckets, "
     "the CUDA context; what is left on each GPU is for them"
 )
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def dtype_bytes(name: str) -> int:
-    """Bytes per element of a dtype by its config name (float32, bfloat16, float16)."""
-    if str(name) not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[str(name)]
-
 
 # ------------------------------------------------------------------------- memory (pure)
 
@@ -172,19 +155,6 @@ def reference_states(
     if offload:
         return Memory(host=weight_bytes * total_params / ranks)
     return Memory(device=weight_bytes * total_params / (ranks if zero_stage == 3 else 1))
-
-
-def kv_bytes_per_token(
-    layers: int, kv_heads: int, head_dim: int, nbytes: int, tensor_parallel: int = 1
-) -> int:
-    """KV-cache bytes one token takes on each GPU of an engine: K and V of every layer.
-    Tensor parallelism splits the KV heads (each GPU keeps at least one)."""
-    return 2 * layers * max(kv_heads // tensor_parallel, 1) * head_dim * nbytes
-
-
-def kv_budget(gpu_bytes: float, utilization: float, weights: float, overhead: float) -> float:
-    """vLLM's KV cache on one GPU: its share of the GPU less its weights and own overhead."""
-    return utilization * gpu_bytes - weights - overhead
 
 
 def image_tokens(max_pixels: int, patch_size: int, merge_size: int) -> int:
@@ -387,64 +357,13 @@ def hardware(cfg: TrainConfig) -> Hardware:
 # --------------------------------------------------------------------- engine and prompt
 
 
-@dataclass(frozen=True)
-class Engine:
-    """One rollout engine's memory: per GPU of the engine, or in host memory on CPU."""
-
-    weights: float
-    """Its weights on each GPU (weights / tensor_parallel_size); on CPU all of them."""
-    kv_per_token: int
-    """KV-cache bytes one token takes on each GPU."""
-    kv_cache: float | None
-    """vLLM: the KV cache on each GPU (None: GPU memory unknown). HF: the cache of the largest
-    generate call (rollout.max_batch_prompts x n sequences) at the longest sequence."""
-    scores: float
-    """HF: the processed scores `generate` keeps for the log-probs, [sequences, new tokens,
-    vocab] in fp32; 0 for vLLM."""
-    reserved: float
-    """All it takes on each GPU (vLLM: gpu_memory_utilization x the GPU), or on CPU."""
-    asleep_on_host: float
-    """Host memory its weights move to while it sleeps (vLLM sleep level 1 on GPU)."""
-
-
 def engine_memory(
     cfg: TrainConfig, m: ModelFacts, gpu_memory: float | None, longest: int
-) -> Engine:
-    """The rollout engine of `cfg` for a model `m` whose longest sequence is `longest` tokens."""
-    if cfg.rollout.backend == Backend.hf:
-        return _hf_engine(cfg, m, longest)
-    return _vllm_engine(cfg, m, gpu_memory)
-
-
-def _hf_engine(cfg: TrainConfig, m: ModelFacts, longest: int) -> Engine:
-    r, nbytes = cfg.rollout, dtype_bytes(cfg.model.dtype)
-    weights = float(nbytes * m.params.total)
-    per_token = kv_bytes_per_token(m.layers, m.kv_heads, m.head_dim, nbytes)
-    sequences = r.max_batch_prompts * r.samples_per_prompt
-    kv = float(sequences * longest * per_token)
-    scores = float(sequences * r.max_new_tokens * m.vocab * 4)
-    return Engine(weights, per_token, kv, scores, weights + kv + scores, 0.0)
-
-
-def _vllm_engine(cfg: TrainConfig, m: ModelFacts, gpu_memory: float | None) -> Engine:
-    v, on_gpu = cfg.rollout.vllm, cfg.cluster.gpus_per_rollout_worker > 0
-    tp = v.tensor_parallel_size if on_gpu else 1
-    nbytes = dtype_bytes(v.dtype or cfg.model.dtype)
-    weights = nbytes * m.params.total / tp
-    per_token = kv_bytes_per_token(m.layers, m.kv_heads, m.head_dim, nbytes, tp)
-    overhead = VLLM_OVERHEAD_GIB * GIB if on_gpu else 0.0
-    kv: float | None
-    if v.kv_cache_memory_mb is not None or not on_gpu:
-        # vLLM then sizes the cache as asked and ignores gpu_memory_utilization.
-        kv = float((v.kv_cache_memory_mb or VLLM_CPU_KV_MIB) * MIB)
-        reserved = weights + overhead + kv
-    elif gpu_memory is not None:
-        kv = kv_budget(gpu_memory, v.gpu_memory_utilization, weights, overhead)
-        reserved = v.gpu_memory_utilization * gpu_memory
-    else:
-        kv, reserved = None, weights + overhead
-    asleep = weights * tp if on_gpu and v.enable_sleep_mode and v.sleep_level == 1 else 0.0
-    return Engine(weights, per_token, kv, 0.0, reserved, asleep)
+) -> EnginePlan:
+    """The rollout engine of `cfg` for a model `m` whose longest sequence is `longest` tokens:
+    its spec's part of the plan (memory, rows, problems, notes)."""
+    shape = ModelShape(m.params.total, m.layers, m.kv_heads, m.head_dim, m.vocab)
+    return engine_spec(cfg.rollout.backend).plan(EngineInputs(cfg, shape, gpu_memory, longest))
 
 
 @dataclass(frozen=True)
@@ -464,7 +383,7 @@ class PromptBudget:
     longest: int
     """prompt + rollout.max_new_tokens."""
     window: int | None
-    """rollout.vllm.max_model_len for vLLM; None for HF (no fixed window)."""
+    """The engine's fixed window (vLLM: rollout.vllm.max_model_len); None: none (HF)."""
 
 
 def prompt_budget(
@@ -481,7 +400,6 @@ def prompt_budget(
         question, images = QUESTION_TOKENS, cfg.rollout.vllm.images_per_prompt
     images = images if tokens is not None else 0
     prompt = prompt_tokens(images, tokens or 0, cfg.data.system_prompt, question)
-    vllm = cfg.rollout.backend == Backend.vllm
     return PromptBudget(
         image_tokens=tokens,
         images=images,
@@ -490,7 +408,7 @@ def prompt_budget(
         measured=bool(items),
         prompt=prompt,
         longest=prompt + cfg.rollout.max_new_tokens,
-        window=cfg.rollout.vllm.max_model_len if vllm else None,
+        window=engine_spec(cfg.rollout.backend).window(cfg),
     )
 
 
@@ -511,7 +429,7 @@ class Plan:
     """One learner rank's model states by component, where they live (host on CPU runs)."""
     reference: Memory | None
     """One rank's share of the KL reference; None without one (algo.loss.kl_coef=0)."""
-    engine: Engine
+    engine: EnginePlan
     prompt: PromptBudget
     notes: list[str] = field(default_factory=list)
 
@@ -560,9 +478,7 @@ class Plan:
     @property
     def kv_tokens(self) -> int | None:
         """Tokens vLLM's KV cache holds (None for HF, or with GPU memory unknown)."""
-        if self.cfg.rollout.backend != Backend.vllm or self.engine.kv_cache is None:
-            return None
-        return max(int(self.engine.kv_cache // self.engine.kv_per_token), 0)
+        return self.engine.kv_tokens
 
     @property
     def kv_sequences(self) -> int | None:
@@ -621,28 +537,14 @@ def make_plan(
 
 def _notes(plan: Plan) -> list[str]:
     """What the plan could not check, and why."""
-    cfg, hw, m = plan.cfg, plan.hw, plan.model
+    hw, m = plan.hw, plan.model
     notes = []
     if m.patch_size and plan.prompt.image_tokens is None:
         notes.append(
             "image tokens unknown: set model.max_pixels (the checkpoint's processor config has "
             "no bound)"
         )
-    v = cfg.rollout.vllm
-    if cfg.rollout.backend == Backend.vllm:
-        typed = {"max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes", "dtype"}
-        overridden = sorted(set(v.engine_args) & typed)
-        if overridden:
-            notes.append(
-                f"rollout.vllm.engine_args sets {', '.join(overridden)}: the plan uses the typed "
-                "options"
-            )
-        if plan.engine_on_gpu and v.enable_sleep_mode:
-            moved = "move to host memory" if v.sleep_level == 1 else "are dropped"
-            notes.append(
-                f"vLLM sleep level {v.sleep_level}: the engines' weights {moved} and their KV "
-                "cache is freed while the learners train"
-            )
+    notes += plan.engine.notes
     if hw.host_memory is None:
         notes.append(f"host memory not checked: {hw.host_note}")
     if (plan.learner_on_gpu or plan.engine_on_gpu) and hw.gpu_memory is None:
@@ -662,16 +564,6 @@ def count_text(n: float) -> str:
     return f"{n:.0f}"
 
 
-def bytes_text(n: float) -> str:
-    if n == 0:
-        return "-"
-    if abs(n) >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    if abs(n) >= MIB:
-        return f"{n / MIB:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB"
-
-
 def render(plan: Plan) -> str:
     """The plan as the table `gmai-rl plan` prints and a run logs before it starts."""
     cfg, m, p = plan.cfg, plan.model, plan.model.params
@@ -683,7 +575,7 @@ def render(plan: Plan) -> str:
         f"vision tower {count_text(p.vision)}{frozen}, largest layer {count_text(p.largest_layer)}",
         *_placement_lines(plan),
         *_learner_lines(plan),
-        *_rollout_lines(plan),
+        *plan.engine.lines,
         *_prompt_lines(plan),
         *_memory_lines(plan),
         *(f"note       {n}" for n in plan.notes),
@@ -747,45 +639,6 @@ def _learner_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def _rollout_lines(plan: Plan) -> list[str]:
-    cfg, e = plan.cfg, plan.engine
-    r = cfg.rollout
-    per = "per GPU" if plan.engine_on_gpu else "per worker (CPU)"
-    if r.backend == Backend.hf:
-        seqs = r.max_batch_prompts * r.samples_per_prompt
-        return [
-            f"rollout    HF generate, {cfg.model.dtype}: weights {bytes_text(e.weights)} {per}; "
-            f"{seqs} sequences per call (rollout.max_batch_prompts x n)",
-            f"           KV cache {bytes_text(e.kv_cache or 0)} at the longest sequence "
-            f"({plan.prompt.longest} tokens, {bytes_text(e.kv_per_token)} per token) + the "
-            f"scores kept for log-probs {bytes_text(e.scores)} = {bytes_text(e.reserved)}",
-        ]
-    v = r.vllm
-    tp = v.tensor_parallel_size if plan.engine_on_gpu else 1
-    lines = [
-        f"rollout    vLLM, {v.dtype or cfg.model.dtype}, TP {tp}: weights {bytes_text(e.weights)} "
-        f"{per}"
-    ]
-    if e.kv_cache is None:
-        return [*lines, "           KV cache: unknown (GPU memory unknown)"]
-    if v.kv_cache_memory_mb is not None or not plan.engine_on_gpu:
-        lines.append(
-            f"           KV cache {bytes_text(e.kv_cache)} (rollout.vllm.kv_cache_memory_mb)"
-        )
-    else:
-        lines.append(
-            f"           KV cache {v.gpu_memory_utilization:g} x "
-            f"{bytes_text(plan.hw.gpu_memory or 0)} - weights - {VLLM_OVERHEAD_GIB:g} GiB "
-            f"overhead (assumed) = {bytes_text(e.kv_cache)}"
-        )
-    window = plan.prompt.window or plan.prompt.longest
-    lines.append(
-        f"           {bytes_text(e.kv_per_token)} per token: {plan.kv_tokens:,} tokens = "
-        f"{plan.kv_sequences:,} sequence(s) of {window}"
-    )
-    return lines
-
-
 def _prompt_lines(plan: Plan) -> list[str]:
     b, m = plan.prompt, plan.model
     image = (
@@ -793,7 +646,8 @@ def _prompt_lines(plan: Plan) -> list[str]:
         if b.image_tokens is not None
         else ""
     )
-    limit = f"rollout.vllm.max_model_len {b.window}" if b.window else "HF: no fixed window"
+    spec = engine_spec(plan.cfg.rollout.backend)
+    limit = f"{spec.window_key} {b.window}" if b.window else f"{spec.label}: no fixed window"
     how = "the longest in the data" if b.measured else "assumed: the data is not at hand"
     return [
         f"prompt     {image}system {b.system} + template {TEMPLATE_TOKENS} + question "
@@ -857,8 +711,7 @@ def check(plan: Plan) -> list[str]:
 
 
 def _gpu_problems(plan: Plan) -> list[str]:
-    cfg, e, g = plan.cfg, plan.engine, plan.hw.gpu_memory
-    r = cfg.rollout
+    cfg, g = plan.cfg, plan.hw.gpu_memory
     if g is None:
         return []
     problems = []
@@ -875,24 +728,7 @@ def _gpu_problems(plan: Plan) -> list[str]:
             "(learner.zero_stage=3, more cluster.learner_ranks), learner.offload_optimizer=true, "
             "learner.bf16=true, model.freeze_vision=true or learner.reference_offload=true"
         )
-    if plan.engine_on_gpu and r.backend == Backend.vllm and plan.kv_tokens is not None:
-        window = plan.prompt.window or plan.prompt.longest
-        if plan.kv_tokens < window:
-            problems.append(
-                f"vLLM's KV cache per GPU is {bytes_text(e.kv_cache or 0)} "
-                f"(rollout.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization:g} x "
-                f"{bytes_text(g)}, less weights {bytes_text(e.weights)} and "
-                f"{VLLM_OVERHEAD_GIB:g} GiB overhead): {plan.kv_tokens:,} tokens, less than one "
-                f"sequence of {window}; raise rollout.vllm.gpu_memory_utilization or "
-                "tensor_parallel_size, or lower rollout.vllm.max_model_len"
-            )
-    if plan.engine_on_gpu and r.backend == Backend.hf and e.reserved > g:
-        problems.append(
-            f"the HF engine takes {bytes_text(e.reserved)} of its GPU (weights "
-            f"{bytes_text(e.weights)}, KV cache {bytes_text(e.kv_cache or 0)}, scores "
-            f"{bytes_text(e.scores)}), more than {bytes_text(g)}: use rollout=vllm, or lower "
-            "rollout.max_batch_prompts or rollout.max_new_tokens"
-        )
+    problems += plan.engine.problems
     colocated = cfg.cluster.colocate and plan.learner_on_gpu and plan.engine_on_gpu
     if colocated and learner <= g and plan.gpu_peak > g:
         problems.append(
@@ -941,6 +777,7 @@ def _placement_problems(plan: Plan) -> list[str]:
 
 def _prompt_problems(plan: Plan) -> list[str]:
     b, m, r = plan.prompt, plan.model, plan.cfg.rollout
+    key = engine_spec(r.backend).window_key  # what sets b.window
     problems = []
     if b.window is not None and b.longest > b.window:
         images = (
@@ -950,19 +787,15 @@ def _prompt_problems(plan: Plan) -> list[str]:
         )
         problems.append(
             f"prompt ~{b.prompt} tokens{images} + rollout.max_new_tokens {r.max_new_tokens} = "
-            f"{b.longest} > rollout.vllm.max_model_len {b.window}: raise max_model_len, or lower "
+            f"{b.longest} > {key} {b.window}: raise {str(key).rsplit('.', 1)[-1]}, or lower "
             "rollout.max_new_tokens or model.max_pixels"
         )
     limit = b.window or b.longest
     if m.max_positions and limit > m.max_positions:
-        what = (
-            f"rollout.vllm.max_model_len {b.window}"
-            if b.window
-            else f"the longest sequence, {b.longest} tokens,"
-        )
+        what = f"{key} {b.window}" if b.window else f"the longest sequence, {b.longest} tokens,"
+        lower = f"{key} or rollout.max_new_tokens" if key else "rollout.max_new_tokens"
         problems.append(
             f"{what} exceeds the model's {m.max_positions} positions "
-            "(max_position_embeddings): lower rollout.vllm.max_model_len or "
-            "rollout.max_new_tokens"
+            f"(max_position_embeddings): lower {lower}"
         )
     return problems

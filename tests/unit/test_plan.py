@@ -17,7 +17,6 @@ from gmai_rl.plan import (
     bytes_text,
     check,
     image_tokens,
-    kv_bytes_per_token,
     learner_states,
     make_plan,
     nodes_needed,
@@ -27,6 +26,7 @@ from gmai_rl.plan import (
     render,
     total,
 )
+from gmai_rl.rollout.sizing import kv_bytes_per_token
 from support import train_config
 
 NODE = Hardware(

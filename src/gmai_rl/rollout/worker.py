@@ -4,9 +4,10 @@ The trainer runs each worker as a Ray actor (it wraps this class with `ray.remot
 the actors). The worker counts the weight updates it has loaded as its policy version, and every
 group it returns carries that version.
 
-Sync membership: an HF engine's model is in this process, so the worker itself is one member of
-the sync group. A vLLM engine (a `SyncingEngine`) has its model in vLLM's workers, one per
-tensor-parallel rank, and each of them is a member: the worker reports `sync_members()`, the
+The engine is its backend's (`rollout.engines`): the spec makes it, and says who receives the
+weights. An HF engine's model is in this process, so the worker itself is one member of the sync
+group. A vLLM engine (`sync_in_engine`, a `SyncingEngine`) has its model in vLLM's workers, one
+per tensor-parallel rank, and each of them is a member: the worker reports `sync_members()`, the
 cluster gives it a block of that many consecutive ranks, and joining and receiving are delegated
 to the engine.
 
@@ -27,7 +28,9 @@ from gmai_rl.data.loader import image_problem
 from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.rollout.base import EngineBrokenError, RolloutEngine, SyncingEngine
+from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.options import Backend, Device
+from gmai_rl.rollout.spec import EngineSpec
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.sync.buffers import FlatBuffers
 from gmai_rl.sync.group import SyncGroup, init_sync_group
@@ -43,20 +46,17 @@ def resolve_device(device: Device | str) -> str:
     return str(device)
 
 
-def make_engine(
-    backend: Backend | str, model: ModelOptions, device: str, **engine_kwargs: Any
-) -> RolloutEngine:
-    """The engine of `backend`; `engine_kwargs` go to the vLLM engine (`vllm=VLLMOptions`, seed)."""
-    if backend == Backend.hf:
-        from gmai_rl.rollout.hf import HFEngine
-
-        return HFEngine(model, device=device)
-    if backend == Backend.vllm:
-        # vLLM picks its device itself (CUDA when the actor has GPUs, else the CPU build).
-        from gmai_rl.rollout.vllm import VLLMEngine
-
-        return VLLMEngine(model, **engine_kwargs)
-    raise ValueError(f"unknown rollout backend {backend!r}; expected 'hf' or 'vllm'")
+def syncing_engine(spec: EngineSpec, engine: RolloutEngine) -> SyncingEngine | None:
+    """`engine` when its spec says that its own processes receive the weights, else None (the
+    rollout worker receives them and loads them into the engine)."""
+    if not spec.sync_in_engine:
+        return None
+    if not isinstance(engine, SyncingEngine):
+        raise TypeError(
+            f"the {spec.label} engine's spec says its own workers receive the weights, but "
+            f"{type(engine).__name__} does not implement SyncingEngine"
+        )
+    return engine
 
 
 def generate_or_drop(
@@ -125,10 +125,10 @@ class RolloutWorker:
         device = resolve_device(device)
         if device.startswith("cuda"):
             require_cuda("rollout worker")
-        kwargs = dict(engine_kwargs or {})
-        if backend == Backend.vllm:
-            kwargs.setdefault("seed", seed)
-        self.engine = make_engine(backend, model, device, **kwargs)
+        spec = engine_spec(backend)
+        self.engine = spec.make(model, device, seed, **(engine_kwargs or {}))
+        self.syncing = syncing_engine(spec, self.engine)
+        """The engine, when its own processes join the sync group; None: this worker does."""
         self.max_batch_prompts = max_batch_prompts
         self.group: SyncGroup | None = None
         self.sync_buffers = FlatBuffers()  # the received bucket, kept across pushes on CPU
@@ -171,8 +171,8 @@ class RolloutWorker:
 
     def sync_members(self) -> int:
         """Sync-group ranks this worker needs: 1, or one per vLLM worker process."""
-        if isinstance(self.engine, SyncingEngine):
-            return self.engine.sync_members()
+        if self.syncing is not None:
+            return self.syncing.sync_members()
         return 1
 
     def join_sync_group(
@@ -187,8 +187,8 @@ class RolloutWorker:
     ) -> None:
         """Join as ranks rank .. rank + sync_members() - 1 (blocks until the group is whole),
         leaving the group this worker was in (`init_sync_group`'s `generation`)."""
-        if isinstance(self.engine, SyncingEngine):
-            self.engine.join_sync_group(
+        if self.syncing is not None:
+            self.syncing.join_sync_group(
                 host, port, rank, world_size, backend, timeout_s, generation
             )
             self.group = None
@@ -213,10 +213,10 @@ class RolloutWorker:
         `push_weights(..., verify=True)` returns.
         """
         out: dict[str, Any]
-        if isinstance(self.engine, SyncingEngine):
+        if self.syncing is not None:
             if not self._engine_synced:
                 raise RuntimeError("receive_weights before join_sync_group")
-            received = self.engine.receive_weights(plan, verify)
+            received = self.syncing.receive_weights(plan, verify)
             out = {"loaded": received["loaded"]}
             if verify:
                 out["checksums"] = received["checksums"]
@@ -254,8 +254,8 @@ class RolloutWorker:
             wake_up()
 
     def shutdown(self) -> None:
-        if isinstance(self.engine, SyncingEngine) and self._engine_synced:
-            self.engine.leave_sync_group()
+        if self.syncing is not None and self._engine_synced:
+            self.syncing.leave_sync_group()
             self._engine_synced = False
         if self.group is not None:
             self.group.destroy()
