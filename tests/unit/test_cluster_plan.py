@@ -74,7 +74,7 @@ def test_work_is_cut_into_contiguous_shares_in_worker_order():
 
 
 def test_frozen_parameters_travel_with_the_first_push_only():
-    sync = WeightSync(train_config(), None, sleeps=False)
+    sync = WeightSync(train_config(), None)
     sync.full_plan, sync.trainable_plan = ["full"], ["trainable"]
     assert sync.plan() == ["full"]
     sync.frozen_pushed = True  # what a successful push records

@@ -27,7 +27,8 @@ from gmai_rl.cluster.waits import RAISE, Call, gather
 from gmai_rl.config import TrainConfig
 from gmai_rl.learner.worker import Learner
 from gmai_rl.reward.worker import RewardWorker
-from gmai_rl.rollout.options import Backend, Device
+from gmai_rl.rollout.engines import engine_spec
+from gmai_rl.rollout.options import Device
 from gmai_rl.rollout.worker import RolloutWorker
 
 LEARNER, ROLLOUT, REWARD = "learner rank", "rollout worker", "reward worker"
@@ -132,7 +133,7 @@ class Actors:
                 torch_threads=cfg.rollout.torch_threads,
                 max_batch_prompts=cfg.rollout.max_batch_prompts,
                 seed=cfg.trainer.seed + 1000 * (i + 1) + 1_000_000 * generation,
-                engine_kwargs=engine_kwargs(cfg),
+                engine_kwargs=engine_spec(cfg.rollout.backend).engine_kwargs(cfg.rollout),
             )
         )
 
@@ -193,8 +194,3 @@ def rollout_device(cfg: TrainConfig) -> str:
     if cfg.rollout.device != Device.auto:
         return str(cfg.rollout.device)
     return "cuda" if cfg.cluster.gpus_per_rollout_worker > 0 else "cpu"
-
-
-def engine_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Engine options of the configured backend (the vLLM section for vLLM; HF takes none)."""
-    return {"vllm": cfg.rollout.vllm} if cfg.rollout.backend == Backend.vllm else {}

@@ -34,7 +34,7 @@ from gmai_rl.learner.rank_metrics import (
     combine_rank_metrics,
     combine_sft_metrics,
 )
-from gmai_rl.rollout.options import Backend
+from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams, TrainSample, failed_reward
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,11 @@ class Cluster:
     def __init__(self, cfg: TrainConfig, placement_group: Any) -> None:
         self.cfg = cfg
         self.placement_group = placement_group
-        # Colocated vLLM engines give their GPU memory back while the learners train.
-        self.rollouts_sleep = (
-            cfg.cluster.colocate
-            and cfg.rollout.backend == Backend.vllm
-            and cfg.rollout.vllm.enable_sleep_mode
-        )
+        # Engines that give their accelerator memory back while the learners train (colocated
+        # vLLM with sleep mode).
+        self.rollouts_sleep = engine_spec(cfg.rollout.backend).sleeps(cfg)
         self.actors = Actors(cfg, placement_group, plan_bundles(cfg.cluster))
-        self.sync = WeightSync(cfg, self.actors, self.rollouts_sleep)
+        self.sync = WeightSync(cfg, self.actors)
         self.recovery = Recovery(cfg, self.actors, self.sync)
 
     # ------------------------------------------------------------------------ start, stop

@@ -36,6 +36,7 @@ from gmai_rl.cluster.errors import ActorDiedError, RolloutsDiedError
 from gmai_rl.cluster.placement import sync_backend, sync_ranks
 from gmai_rl.cluster.waits import Policy, died, gather
 from gmai_rl.config import TrainConfig
+from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.sync.buckets import Bucket
 from gmai_rl.sync.group import SyncGroupError, request_abort
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 class WeightSync:
     """The weight-sync group of one run and every push through it."""
 
-    def __init__(self, cfg: TrainConfig, actors: Actors, sleeps: bool) -> None:
+    def __init__(self, cfg: TrainConfig, actors: Actors) -> None:
         self.cfg, self.actors = cfg, actors
         self.lock = threading.RLock()
         self.full_plan: list[Bucket] = []
@@ -53,8 +54,9 @@ class WeightSync:
         self.trainable_plan: list[Bucket] = []
         """The parameters training changes: after the first push, the only ones that travel."""
         self.frozen_pushed = False
-        # Level-2 sleep discards the engines' weights, frozen ones included: every push is whole.
-        self.resend_frozen = sleeps and cfg.rollout.vllm.sleep_level >= 2
+        # An engine whose sleep discards its weights (vLLM level 2), frozen ones included, gets
+        # every push whole.
+        self.resend_frozen = engine_spec(cfg.rollout.backend).sleep_discards_weights(cfg)
         self.version = 0
         self.current = True
         """The learners hold the weights of `version` (no training step since the push)."""
