@@ -8,9 +8,12 @@ fight over 2 x 2 OpenMP threads and the push takes ~10x longer. Rows, each over 
 pushes, all in one run:
 
 - raw flat: one `broadcast` of the whole model as one preallocated flat tensor: the wire's limit,
-  no copies on either side;
+  no copies on either side (with gloo our group sends point to point from rank 0 to each
+  receiver, so that a dead receiver is dropped at once: gmai_rl/sync/group.py);
 - raw per-tensor: one `broadcast` per parameter, straight from and into the parameters: no
   copies, one collective per tensor;
+- gloo collective flat / per-tensor (gloo only): the same through gloo's own broadcast
+  collective, which the group used before it sent point to point;
 - receiver copy: a receiver's `copy_` of every tensor into its parameters, timed on its own (what
   any loader pays on top of the wire);
 - ours: `send_weights` / `receive_weights` over each bucket size in `--bucket-mb` (flatten, cast,
@@ -42,6 +45,8 @@ from gmai_rl.sync.weights import OpenBucket, receive_weights, send_weights
 RAW_FLAT = "raw flat"
 RAW_PER_TENSOR = "raw per-tensor"
 RECEIVER_COPY = "receiver copy"
+COLLECTIVE_FLAT = "gloo collective flat"
+COLLECTIVE_PER_TENSOR = "gloo collective per-tensor"
 
 
 def make_specs(n_params: int, tensor_numel: int, dtype: str) -> list[TensorSpec]:
@@ -60,6 +65,21 @@ def _device(backend: str, rank: int) -> torch.device:
 
 def _raw_flat(group: SyncGroup, flat: torch.Tensor) -> Callable[[], None]:
     return lambda: group.broadcast(flat, src=0)
+
+
+def _collective(group: SyncGroup, tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+    # gloo's broadcast collective on the group's own backend object (the group itself sends
+    # point to point): what a push cost before.
+    from torch.distributed import BroadcastOptions  # type: ignore[attr-defined]
+
+    opts = BroadcastOptions()
+    opts.rootRank = 0
+
+    def push() -> None:
+        for tensor in tensors:
+            group._pg.broadcast([tensor], opts).wait()
+
+    return push
 
 
 def _raw_per_tensor(group: SyncGroup, params: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -120,6 +140,9 @@ def _member(
         (RAW_FLAT, _raw_flat(group, flat)),
         (RAW_PER_TENSOR, _raw_per_tensor(group, params)),
     ]
+    if args.backend == "gloo":
+        runs.append((COLLECTIVE_FLAT, _collective(group, [flat])))
+        runs.append((COLLECTIVE_PER_TENSOR, _collective(group, list(params.values()))))
     if rank == 1:
         runs.append((RECEIVER_COPY, _receiver_copy(params)))
     for mb in args.bucket_mb:
@@ -214,6 +237,7 @@ def main() -> None:
                 proc.join()
     total_bytes = sum(s.nbytes for s in specs)
     plans: dict[str, int] = {RAW_FLAT: 1, RAW_PER_TENSOR: len(specs)}
+    plans |= {COLLECTIVE_FLAT: 1, COLLECTIVE_PER_TENSOR: len(specs)}
     for mb in args.bucket_mb:
         count = len(plan_buckets(specs, int(mb * 2**20)))
         plans[f"ours, {mb:g} MB buckets"] = plans[f"ours, {mb:g} MB buckets, fresh buffers"] = count
