@@ -204,14 +204,9 @@ def policy_loss(
     # sending an e^20-sized gradient into the optimizer.
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, L]
     ratio = log_ratio.exp()  # [B, L]
-    surrogate = -adv * ratio  # [B, L]
-    clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)  # [B, L]
-    pg = torch.maximum(surrogate, clipped)  # [B, L]
-    dual_held = torch.zeros_like(mask)  # [B, L]
-    if dual_clip_c is not None:
-        dual_bound = -adv * dual_clip_c  # [B, 1] | [B, L]
-        dual_held = (adv < 0) & (pg > dual_bound)  # [B, L]
-        pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)  # [B, L]
+    pg, clip_active, dual_held = clipped_surrogate(
+        ratio, adv, clip_eps_low, clip_eps_high, dual_clip_c
+    )  # [B, L] each
     is_weights: torch.Tensor | None = None
     if behaviour_logprobs is not None and behaviour_is_cap is not None:
         # old_logprobs is pi_prox here; the weight is data (no gradient), so the gradient is
@@ -237,20 +232,8 @@ def policy_loss(
             loss = pg_loss + kl_coef * kl_loss
 
     with torch.no_grad():
-        clip_active = clipped > surrogate  # [B, L]
-        metrics = {
-            "loss": loss,
-            "pg_loss": pg_loss,
-            "clip_frac": _token_mean(clip_active, mask),
-            "clip_frac_high": _token_mean(clip_active & (adv > 0), mask),
-            "clip_frac_low": _token_mean(clip_active & (adv < 0), mask),
-            "dual_clip_frac": _token_mean(dual_held, mask),
-            "ratio_mean": _token_mean(ratio, mask),
-            "ratio_min": torch.where(mask, ratio, torch.inf).amin().nan_to_num(posinf=1.0),
-            "ratio_max": torch.where(mask, ratio, -torch.inf).amax().nan_to_num(neginf=1.0),
-            "approx_kl": _token_mean(ratio - 1.0 - log_ratio, mask),
-            "num_tokens": mask.sum(),
-        }
+        metrics = {"loss": loss, "pg_loss": pg_loss}
+        metrics |= _ratio_metrics(ratio, log_ratio, adv, clip_active, dual_held, mask)
         if kl is not None and kl_loss is not None:
             metrics["kl_loss"] = kl_loss
             metrics["ref_kl"] = _token_mean(kl, mask)
@@ -258,6 +241,56 @@ def policy_loss(
             metrics["is_weight_mean"] = _token_mean(is_weights, mask)
             metrics["is_truncated_frac"] = _token_mean(is_weights >= behaviour_is_cap, mask)
     return loss, {name: value.detach().float() for name, value in metrics.items()}
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip_c: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token, with DAPO's clip-higher bounds and dual-clip.
+
+    Args:
+        ratio: [B, L] pi_theta / pi_old per token.
+        adv: [B, 1] per-sequence or [B, L] per-token advantages.
+
+    Returns:
+        ([B, L] loss terms max(-A r, -A clip(r)) (dual-clipped at -A c for A < 0), [B, L] where
+        the clipped term was the larger, [B, L] where dual-clip held the loss).
+    """
+    surrogate = -adv * ratio  # [B, L]
+    clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)  # [B, L]
+    pg = torch.maximum(surrogate, clipped)  # [B, L]
+    dual_held = torch.zeros_like(pg, dtype=torch.bool)  # [B, L]
+    if dual_clip_c is not None:
+        dual_bound = -adv * dual_clip_c  # [B, 1] | [B, L]
+        dual_held = (adv < 0) & (pg > dual_bound)  # [B, L]
+        pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)  # [B, L]
+    return pg, clipped > surrogate, dual_held
+
+
+def _ratio_metrics(
+    ratio: torch.Tensor,
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    clip_active: torch.Tensor,
+    dual_held: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """How far the policy moved and how often clipping held it, over the real tokens."""
+    return {
+        "clip_frac": _token_mean(clip_active, mask),
+        "clip_frac_high": _token_mean(clip_active & (adv > 0), mask),
+        "clip_frac_low": _token_mean(clip_active & (adv < 0), mask),
+        "dual_clip_frac": _token_mean(dual_held, mask),
+        "ratio_mean": _token_mean(ratio, mask),
+        "ratio_min": torch.where(mask, ratio, torch.inf).amin().nan_to_num(posinf=1.0),
+        "ratio_max": torch.where(mask, ratio, -torch.inf).amax().nan_to_num(neginf=1.0),
+        "approx_kl": _token_mean(ratio - 1.0 - log_ratio, mask),
+        "num_tokens": mask.sum(),
+    }
 
 
 def truncated_is_weights(
