@@ -156,6 +156,8 @@ def _learner(cfg: TrainConfig) -> list[str]:
         )
     if learner.max_skipped_steps < 1:
         errors.append(f"learner.max_skipped_steps={learner.max_skipped_steps} must be >= 1")
+    if learner.num_minibatches < 1:
+        errors.append(f"learner.num_minibatches={learner.num_minibatches} must be >= 1")
     return errors
 
 
@@ -172,6 +174,8 @@ def _cluster_size(cfg: TrainConfig) -> list[str]:
 
 
 def _batch_shape(cfg: TrainConfig) -> list[str]:
+    if cfg.cluster.learner_ranks < 1 or cfg.learner.num_minibatches < 1:
+        return []  # reported above; dividing by them would raise ZeroDivisionError
     try:
         check_batch_shape(
             cfg.algo.prompts_per_step * cfg.rollout.samples_per_prompt,
@@ -189,7 +193,7 @@ def _sft(cfg: TrainConfig) -> list[str]:
     errors = []
     if not cfg.data.sft:
         errors.append("sft.enabled needs data.sft")
-    if cfg.sft.batch_size % cfg.cluster.learner_ranks:
+    if cfg.cluster.learner_ranks >= 1 and cfg.sft.batch_size % cfg.cluster.learner_ranks:
         errors.append("sft.batch_size must divide evenly over cluster.learner_ranks")
     return errors
 

@@ -98,6 +98,18 @@ def test_cross_field_rules_name_the_keys():
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.learner_ranks=0", "cluster.learner_ranks must be >= 1"),
+        ("learner.num_minibatches=0", "learner.num_minibatches=0 must be >= 1"),
+    ],
+)
+def test_a_zero_divisor_of_the_batch_is_named_not_divided_by(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(train_config(override))
+
+
+@pytest.mark.parametrize(
     ("override", "allowed"),
     [
         ("algo.estimator=ppo", "grpo, drgrpo, rloo"),
