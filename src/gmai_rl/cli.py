@@ -51,7 +51,7 @@ def _plan(argv: Sequence[str]) -> int:
     prompt budget is measured on the data when its files are there, else assumed."""
     from pathlib import Path
 
-    from gmai_rl.config import validate
+    from gmai_rl.config_checks import validate
     from gmai_rl.feed import load_datasets
     from gmai_rl.plan import check, make_plan, render
     from gmai_rl.train import compose

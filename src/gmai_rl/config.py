@@ -4,7 +4,8 @@ Every field is documented where it is declared (here, or in the option classes t
 `ModelOptions`, `LearnerOptions`, `LossOptions`, `OptimOptions`, `VLLMOptions`). The defaults are
 the demo's values; conf/ groups hold only what differs from them. Hydra merges conf/*.yaml into
 this schema, so a misspelt key, a wrong type or a choice outside its set fails at start-up with
-the key's name (and the allowed choices); `validate` then checks the rules that span fields.
+the key's name (and the allowed choices); `gmai_rl.config_checks.validate` then checks the rules
+that span fields.
 
 This module sits above the actors' option modules and below the cluster: the actors never import
 it, they are built from the option objects it holds.
@@ -12,8 +13,6 @@ it, they are built from the option objects it holds.
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,19 +22,10 @@ from typing import Any
 from omegaconf import II, OmegaConf
 
 from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
-from gmai_rl.learner.options import (
-    Estimator,
-    LearnerOptions,
-    LossAgg,
-    LossOptions,
-    OptimOptions,
-)
+from gmai_rl.learner.options import Estimator, LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.models.loading import Dtype, ModelOptions
-from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.options import Backend, Device, VLLMOptions
 from gmai_rl.types import StrChoice
-
-log = logging.getLogger(__name__)
 
 
 class SFTAnswers(StrChoice):
@@ -443,113 +433,3 @@ class TrainConfig:
     @property
     def sft_optim(self) -> OptimOptions:
         return self.sft.optim.for_stage(self.sft.steps)
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Cross-field rules, checked before anything starts; each error names the keys to change."""
-    from gmai_rl.learner.batching import check_batch_shape
-
-    errors = []
-    n = cfg.rollout.samples_per_prompt
-    if n < 2:
-        errors.append(f"rollout.samples_per_prompt={n}: a group advantage needs at least 2 samples")
-    loss = cfg.algo.loss
-    if loss.loss_agg == LossAgg.seq_mean_token_sum_norm and not loss.norm_len:
-        errors.append("algo.loss.loss_agg=seq_mean_token_sum_norm needs algo.loss.norm_len")
-    if loss.behaviour_is_cap is not None and not loss.behaviour_is_cap >= 1:
-        errors.append(f"algo.loss.behaviour_is_cap={loss.behaviour_is_cap} must be >= 1 (or null)")
-    if loss.behaviour_is_cap is not None and loss.use_rollout_logprobs:
-        errors.append(
-            "algo.loss.behaviour_is_cap needs algo.loss.use_rollout_logprobs=false: the weight "
-            "pi_prox / pi_behav is 1 when the old log-probs are the rollout engine's own"
-        )
-    if not 0 <= cfg.algo.filter_low <= cfg.algo.filter_high <= 1:
-        errors.append("algo.filter_low <= algo.filter_high must both lie in [0, 1]")
-    errors += _gpu_errors(cfg)
-    errors += engine_spec(cfg.rollout.backend).validate(cfg)
-    if cfg.trainer.save_every < 0 or cfg.trainer.keep_checkpoints < 1:
-        errors.append("trainer.save_every must be >= 0 and trainer.keep_checkpoints >= 1")
-    if cfg.cluster.max_restarts < 0 or cfg.cluster.restart_window_s <= 0:
-        errors.append("cluster.max_restarts must be >= 0, cluster.restart_window_s > 0")
-    if cfg.reward.timeout_s <= 0:
-        errors.append(f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")
-    reward, budget = cfg.reward, cfg.rollout.max_new_tokens
-    if not (reward.overlong_buffer == 0 or 0 < reward.overlong_buffer < budget):
-        errors.append(
-            f"reward.overlong_buffer={reward.overlong_buffer} must be 0 (off) or less than "
-            f"rollout.max_new_tokens={budget}"
-        )
-    if not (math.isfinite(reward.overlong_penalty) and reward.overlong_penalty >= 0):
-        errors.append(f"reward.overlong_penalty={reward.overlong_penalty} must be >= 0")
-    if cfg.sync.max_buckets_in_flight < 1:
-        errors.append(f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1")
-    if cfg.learner.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"learner.zero_stage={cfg.learner.zero_stage}: expected 0-3")
-    elif cfg.learner.zero_stage == 0 and cfg.learner.bf16:
-        # DeepSpeed 0.19.8 has no fp32 gradient accumulation for bf16 without ZeRO
-        # (engine._do_optimizer_sanity_check raises NotImplementedError).
-        errors.append(
-            "learner.zero_stage=0 with learner.bf16=true: bf16 training needs ZeRO >= 1 here "
-            "(gradients accumulate in fp32 only under ZeRO); set learner.zero_stage=1"
-        )
-    if cfg.reward.fn is not None:
-        from gmai_rl.reward.worker import reward_path_parts
-
-        try:
-            reward_path_parts(cfg.reward.fn)
-        except ValueError as err:
-            errors.append(f"reward.fn: {err}")
-    if cfg.algo.max_staleness < 0:
-        errors.append(f"algo.max_staleness={cfg.algo.max_staleness} must be >= 0")
-    if (
-        cfg.algo.max_staleness > 0
-        and loss.behaviour_is_cap is None
-        and not loss.use_rollout_logprobs
-    ):
-        # Allowed (the clip still bounds each update), but the ratio is then taken against
-        # the learner's log-probs of a batch another policy generated: say so once, up front.
-        log.warning(
-            "algo.max_staleness=%d trains on batches generated by a policy up to %d pushes old "
-            "without an off-policy correction; set algo.loss.behaviour_is_cap (e.g. 2.0)",
-            cfg.algo.max_staleness,
-            cfg.algo.max_staleness,
-        )
-    if cfg.learner.max_skipped_steps < 1:
-        errors.append(f"learner.max_skipped_steps={cfg.learner.max_skipped_steps} must be >= 1")
-    if cfg.dashboards.progress_interval_s < 0:
-        errors.append(
-            f"dashboards.progress_interval_s={cfg.dashboards.progress_interval_s:g} must be >= 0"
-        )
-    for key in ("learner_ranks", "rollout_workers"):
-        if getattr(cfg.cluster, key) < 1:
-            errors.append(f"cluster.{key} must be >= 1")
-    try:
-        check_batch_shape(
-            cfg.algo.prompts_per_step * n, cfg.cluster.learner_ranks, cfg.learner.num_minibatches
-        )
-    except ValueError as err:
-        errors.append(f"algo.prompts_per_step x rollout.samples_per_prompt: {err}")
-    if cfg.sft.enabled:
-        if not cfg.data.sft:
-            errors.append("sft.enabled needs data.sft")
-        if cfg.sft.batch_size % cfg.cluster.learner_ranks:
-            errors.append("sft.batch_size must divide evenly over cluster.learner_ranks")
-    if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
-
-
-def _gpu_errors(cfg: TrainConfig) -> list[str]:
-    """GPUs per actor that the actors can actually use (what the rollout engine can use on
-    top: its spec's `validate`)."""
-    c, errors = cfg.cluster, []
-    if c.gpus_per_learner not in (0, 1):
-        errors.append(
-            f"cluster.gpus_per_learner={c.gpus_per_learner:g}: a learner rank drives one GPU "
-            "(0 runs it on CPU); for more GPUs add ranks with cluster.learner_ranks"
-        )
-    gpus = c.gpus_per_rollout_worker
-    if gpus < 0 or gpus != int(gpus):
-        errors.append(f"cluster.gpus_per_rollout_worker={gpus:g} must be a whole number")
-    if cfg.rollout.device == Device.cuda and gpus == 0:
-        errors.append("rollout.device=cuda needs cluster.gpus_per_rollout_worker >= 1")
-    return errors

@@ -36,7 +36,8 @@ from gmai_rl.cluster.cluster import Cluster
 from gmai_rl.cluster.environment import check_output_dir
 from gmai_rl.cluster.protocol import TrainingCluster
 from gmai_rl.cluster.session import ray_session
-from gmai_rl.config import TrainConfig, validate
+from gmai_rl.config import TrainConfig
+from gmai_rl.config_checks import validate
 from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt
 from gmai_rl.evaluate import summarize

@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gmai_rl.config import (
-    SyntheticDataConfig,
-    TrainConfig,
-    artifacts_cache,
-    synthetic_key,
-    validate,
-)
+from gmai_rl.config import SyntheticDataConfig, TrainConfig, artifacts_cache, synthetic_key
+from gmai_rl.config_checks import validate
 from gmai_rl.train import CONF_DIR, to_train_config
 from support import compose, train_config
 
@@ -100,6 +95,18 @@ def test_cross_field_rules_name_the_keys():
     message = str(err.value)
     assert "rollout.samples_per_prompt=1" in message
     assert "algo.prompts_per_step" in message  # 3 x 1 samples do not split over 2 ranks
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.learner_ranks=0", "cluster.learner_ranks must be >= 1"),
+        ("learner.num_minibatches=0", "learner.num_minibatches=0 must be >= 1"),
+    ],
+)
+def test_a_zero_divisor_of_the_batch_is_named_not_divided_by(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(train_config(override))
 
 
 @pytest.mark.parametrize(
@@ -347,9 +354,9 @@ def test_the_off_policy_correction_is_off_by_default_and_valid_on_its_own():
     ],
 )
 def test_stale_batches_without_an_off_policy_correction_are_warned_about(overrides, warned, caplog):
-    with caplog.at_level("WARNING", logger="gmai_rl.config"):
+    with caplog.at_level("WARNING", logger="gmai_rl.config_checks"):
         validate(train_config(*overrides))
-    messages = [r.getMessage() for r in caplog.records if r.name == "gmai_rl.config"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "gmai_rl.config_checks"]
     assert bool(messages) == warned
     if warned:
         assert "algo.loss.behaviour_is_cap" in messages[0]

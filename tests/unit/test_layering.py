@@ -1,7 +1,8 @@
 """Layers point one way: every import in the package goes down the stack or stays in its own room.
 
     types -> pure rooms (algo, data, reward rules, sync plan) -> models, sync transport
-          -> actors (rollout, learner, reward worker) -> config -> cluster, Ray metrics -> progress
+          -> actors (rollout, learner, reward worker) -> config -> its cross-field checks
+          -> cluster, Ray metrics -> progress
           -> driver support (feed, metrics, evaluate, plan) -> a step's batch (batches)
           -> run outputs (dashboards, report) -> the step (pipeline) -> the run (loop)
           -> entry points (train, synth) -> cli
@@ -32,6 +33,7 @@ LAYERS: list[list[str]] = [
     ["models", "sync"],
     ["rollout", "learner", "reward.worker"],
     ["config"],
+    ["config_checks"],
     ["cluster", "ray_metrics"],
     ["progress"],
     ["feed", "metrics", "evaluate", "plan", "checkpoint"],

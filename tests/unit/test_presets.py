@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gmai_rl.config import validate
+from gmai_rl.config_checks import validate
 from gmai_rl.train import CONF_DIR
 from support import train_config
 

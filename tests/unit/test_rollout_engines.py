@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from gmai_rl.config import RolloutConfig, TrainConfig, validate
+from gmai_rl.config import RolloutConfig, TrainConfig
+from gmai_rl.config_checks import validate
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.plan import GIB, Hardware, ModelFacts, ParamCounts, check, make_plan, render
 from gmai_rl.rollout.engines import ENGINES, engine_spec, register
@@ -66,7 +67,7 @@ def test_importing_the_specs_loads_no_engine_and_no_framework():
     """Config and plan ask the specs at start-up, in the driver: the engines (and torch,
     transformers, vLLM, Ray) load only in the rollout workers, through `make`."""
     code = (
-        "import sys, gmai_rl.config, gmai_rl.rollout.engines\n"
+        "import sys, gmai_rl.config, gmai_rl.config_checks, gmai_rl.rollout.engines\n"
         "heavy = ('torch', 'transformers', 'vllm', 'ray', 'gmai_rl.rollout.hf',"
         " 'gmai_rl.rollout.vllm')\n"
         "print(','.join(m for m in heavy if m in sys.modules))"

@@ -659,7 +659,7 @@ def test_a_tied_lm_head_gets_its_cpu_kernel_rebuilt_after_a_reload():
 
 
 def test_the_7b_preset_runs_vllm_on_the_gpu_node_in_bf16():
-    from gmai_rl.config import validate
+    from gmai_rl.config_checks import validate
 
     cfg = train_config("+experiment=gmai_vl_r1_7b", "data.root=/data/gmai")
     validate(cfg)
@@ -671,7 +671,7 @@ def test_the_7b_preset_runs_vllm_on_the_gpu_node_in_bf16():
 
 
 def test_an_engine_must_fit_its_bundle():
-    from gmai_rl.config import validate
+    from gmai_rl.config_checks import validate
 
     cfg = train_config(
         "+experiment=gmai_vl_r1_7b", "data.root=/d", "rollout.vllm.tensor_parallel_size=2"
@@ -697,7 +697,7 @@ def test_an_engine_must_fit_its_bundle():
     ],
 )
 def test_vllms_ray_executor_is_refused_in_the_trainers_placement_group(tp, setting):
-    from gmai_rl.config import validate
+    from gmai_rl.config_checks import validate
 
     cfg = train_config(
         "+experiment=gmai_vl_r1_7b",

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 import gmai_rl
-from gmai_rl.config import TrainConfig, validate
+from gmai_rl.config import TrainConfig
+from gmai_rl.config_checks import validate
 from gmai_rl.reward.worker import RewardWorker, resolve_reward_fn
 from gmai_rl.rollout.options import Backend
 from gmai_rl.types import MCQItem

@@ -1,7 +1,7 @@
 """One spec per rollout engine: what the trainer knows about an engine without building it.
 
     spec = engine_spec(cfg.rollout.backend)                     # rollout.engines: the registry
-    errors = spec.validate(cfg)                                 # config.validate
+    errors = spec.validate(cfg)                                 # config_checks.validate
     window = spec.window(cfg)                                   # plan: the prompt budget
     sized = spec.plan(EngineInputs(cfg, shape, gpu_memory, longest))  # plan: memory, rows, checks
     kwargs = spec.engine_kwargs(cfg.rollout)                    # cluster -> rollout worker
