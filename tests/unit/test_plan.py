@@ -9,24 +9,11 @@ import math
 import pytest
 
 from gmai_rl.cli import main
-from gmai_rl.plan import (
-    GIB,
-    Hardware,
-    Memory,
-    ParamCounts,
-    bytes_text,
-    check,
-    image_tokens,
-    learner_states,
-    make_plan,
-    nodes_needed,
-    prompt_tokens,
-    read_model,
-    reference_states,
-    render,
-    total,
-)
-from gmai_rl.rollout.sizing import kv_bytes_per_token
+from gmai_rl.plan import Hardware, ParamCounts, check, make_plan, read_model, render
+from gmai_rl.plan.memory import Memory, learner_states, reference_states, total
+from gmai_rl.plan.nodes import nodes_needed
+from gmai_rl.plan.prompt import image_tokens, prompt_tokens
+from gmai_rl.rollout.sizing import GIB, bytes_text, kv_bytes_per_token
 from support import train_config
 
 NODE = Hardware(
@@ -313,15 +300,15 @@ def test_unknown_gpu_memory_skips_the_gpu_checks_and_says_so(qwen7b):
 
 
 def test_null_gpu_fields_read_the_drivers_gpus(monkeypatch):
-    from gmai_rl import plan as plan_module
+    from gmai_rl.plan import nodes
 
-    monkeypatch.setattr(plan_module, "driver_gpus", lambda: (4, 24.0 * GIB))
+    monkeypatch.setattr(nodes, "driver_gpus", lambda: (4, 24.0 * GIB))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     nulls = ("cluster.gpus_per_node=null", "cluster.gpu_memory_gib=null")
-    hw = plan_module.hardware(train_config(*nulls))
+    hw = nodes.hardware(train_config(*nulls))
     assert (hw.gpus_per_node, hw.gpu_memory) == (4, 24 * GIB) and "torch.cuda" in hw.source
     assert hw.single_node and hw.host_memory  # the CPU demo runs on this machine
-    hw = plan_module.hardware(train_config("cluster.address=ray://head:10001"))
+    hw = nodes.hardware(train_config("cluster.address=ray://head:10001"))
     assert (hw.gpus_per_node, hw.gpu_memory) == (8, 80 * GIB)  # the defaults: not read
     assert not hw.single_node and hw.host_memory is None
 

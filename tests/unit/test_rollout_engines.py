@@ -15,10 +15,10 @@ import torch
 from gmai_rl.config import RolloutConfig, TrainConfig
 from gmai_rl.config_checks import validate
 from gmai_rl.models.loading import ModelOptions
-from gmai_rl.plan import GIB, Hardware, ModelFacts, ParamCounts, check, make_plan, render
+from gmai_rl.plan import Hardware, ModelFacts, ParamCounts, check, make_plan, render
 from gmai_rl.rollout.engines import ENGINES, engine_spec, register
 from gmai_rl.rollout.options import Backend, VLLMOptions
-from gmai_rl.rollout.sizing import EnginePlan, ModelShape
+from gmai_rl.rollout.sizing import GIB, EnginePlan, ModelShape
 from gmai_rl.rollout.spec import EngineInputs, EngineSpec, RolloutRun, Sleep
 from gmai_rl.rollout.worker import RolloutWorker
 from gmai_rl.types import Group, Prompt, SamplingParams

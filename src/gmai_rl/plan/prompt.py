@@ -1,0 +1,96 @@
+"""The prompt budget: the longest prompt (images, system prompt, chat template, question) and
+sequence, measured on the run's questions when they are at hand, else assumed, against the
+rollout engine's window (from its spec).
+
+Token counts are estimated without the tokenizer: an image's tokens from Qwen-VL's patch grid,
+a text's from its length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gmai_rl.config import TrainConfig
+from gmai_rl.data import format_question
+from gmai_rl.plan.model import ModelFacts
+from gmai_rl.rollout.engines import engine_spec
+from gmai_rl.types import MCQItem
+
+QUESTION_TOKENS = 512
+"""Allowance for a question and its options when the data is not at hand (`gmai-rl plan` without
+the dataset): an assumption, medical MCQs being typically a few hundred tokens. A run measures
+its data instead."""
+
+TEMPLATE_TOKENS = 16
+"""The chat template's own tokens around the system, user and assistant turns."""
+
+CHARS_PER_TOKEN = 3
+"""Characters per token when estimating a text without its tokenizer (English BPE averages ~4:
+3 errs long)."""
+
+
+def image_tokens(max_pixels: int, patch_size: int, merge_size: int) -> int:
+    """Most visual tokens one image becomes in Qwen-VL: it is resized to at most max_pixels in
+    cells of (patch x merge) pixels squared, one token per cell."""
+    return max_pixels // (patch_size * merge_size) ** 2
+
+
+def text_tokens(text: str | None) -> int:
+    """A text's tokens estimated from its length (no tokenizer needed)."""
+    return math.ceil(len(text or "") / CHARS_PER_TOKEN)
+
+
+def prompt_tokens(
+    images: int, tokens_per_image: int, system_prompt: str | None, question: int = QUESTION_TOKENS
+) -> int:
+    """A prompt's tokens at most: each image's tokens and its two markers, the system prompt,
+    the chat template and the question with its options."""
+    return images * (tokens_per_image + 2) + text_tokens(system_prompt) + TEMPLATE_TOKENS + question
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    image_tokens: int | None
+    """Tokens of one image at max_pixels; None for a text model or an unknown bound."""
+    images: int
+    """Images per prompt: the most in the data, else rollout.vllm.images_per_prompt."""
+    system: int
+    """The system prompt's tokens (estimated from its length)."""
+    question: int
+    """The longest question with its options in the data, else the QUESTION_TOKENS allowance."""
+    measured: bool
+    """Whether `question` and `images` were measured on the data."""
+    prompt: int
+    """The longest prompt: images, system prompt, chat template and question."""
+    longest: int
+    """prompt + rollout.max_new_tokens."""
+    window: int | None
+    """The engine's fixed window (vLLM: rollout.vllm.max_model_len); None: none (HF)."""
+
+
+def prompt_budget(
+    cfg: TrainConfig, m: ModelFacts, items: Sequence[MCQItem] | None = None
+) -> PromptBudget:
+    """The longest prompt and sequence: measured on `items` when given, else assumed."""
+    tokens = None
+    if m.patch_size and m.merge_size and m.max_pixels:
+        tokens = image_tokens(m.max_pixels, m.patch_size, m.merge_size)
+    if items:
+        question = max(text_tokens(format_question(item)) for item in items)
+        images = max(len(item.images) for item in items)
+    else:
+        question, images = QUESTION_TOKENS, cfg.rollout.vllm.images_per_prompt
+    images = images if tokens is not None else 0
+    prompt = prompt_tokens(images, tokens or 0, cfg.data.system_prompt, question)
+    return PromptBudget(
+        image_tokens=tokens,
+        images=images,
+        system=text_tokens(cfg.data.system_prompt),
+        question=question,
+        measured=bool(items),
+        prompt=prompt,
+        longest=prompt + cfg.rollout.max_new_tokens,
+        window=engine_spec(cfg.rollout.backend).window(cfg),
+    )
