@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gmai_rl.learner.worker import old_logprobs_of
+from gmai_rl.learner.steps import old_logprobs_of
 from gmai_rl.types import Prompt, TrainSample
 
 

@@ -576,7 +576,7 @@ def test_deepspeed_checkpoint_loads_unpickle_only_tensors_and_its_own_state(tmp_
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from gmai_rl.learner.worker import FORCE_WEIGHTS_ONLY, weights_only_torch_loads
+    from gmai_rl.learner.zero import FORCE_WEIGHTS_ONLY, weights_only_torch_loads
 
     hostile, state = tmp_path / "hostile.pt", tmp_path / "optim_states.pt"
     torch.save({"weights": torch.ones(2), "extra": Payload()}, hostile)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, replace
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,24 @@ from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
+from gmai_rl.learner.scorer import Scorer
+from gmai_rl.learner.steps import (
+    grad_norm,
+    gradients_finite,
+    old_logprobs_of,
+    pad_rows,
+    poisoned,
+    rollout_logprobs,
+)
+from gmai_rl.learner.zero import (
+    gather_on_rank0,
+    load_on_rank0,
+    loading_for,
+    weights_only_torch_loads,
+)
 from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
-from gmai_rl.models.inputs import EncodedPrompt, PolicyBatch, build_policy_batch
+from gmai_rl.models.inputs import EncodedPrompt
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
-from gmai_rl.models.scoring import completion_scores, forward_replaced, packed_for
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.buffers import FlatBuffers
@@ -77,28 +90,6 @@ def init_distributed(
     return "cpu"
 
 
-@contextmanager
-def loading_for(ds_config: dict[str, Any]) -> Iterator[None]:
-    """Within it, transformers loads models the way `ds_config` keeps them.
-
-    Under ZeRO-3 a `HfDeepSpeedConfig` makes `from_pretrained` build the model inside
-    `deepspeed.zero.Init` and load the checkpoint into the partitions (rank 0 reads the weights),
-    so no rank holds a full copy in host memory (transformers integrations/deepspeed.py,
-    `_load_state_dict_into_zero3_model`). It is dropped afterwards: transformers reads it through a
-    global weak reference, and a ZeRO-3 reference must not make a ZeRO-2 policy look like ZeRO-3.
-    """
-    if ds_config["zero_optimization"]["stage"] != 3:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-
-    active = HfDeepSpeedConfig(ds_config)
-    try:
-        yield
-    finally:
-        del active
-
-
 class Learner:
     """One rank of the DeepSpeed policy engine, plus an optional frozen reference policy."""
 
@@ -127,6 +118,9 @@ class Learner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # The rollout never samples vision special tokens, so they are outside the policy's support.
         self.suppressed = vision_token_ids(tokenizer)
+        self.scorer = Scorer(
+            self.processor, self.pad_id, self.suppressed, self.device, learner, loss
+        )
 
         config = deepspeed_config(learner, world_size)
         with loading_for(config):
@@ -200,71 +194,6 @@ class Learner:
 
     # ------------------------------------------------------------------------------ scoring
 
-    def _completion_scores(
-        self, engine: Any, batch: PolicyBatch, temperature: float, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[b, C] log-probs (and entropies) of a batch's completions under `engine`'s model.
-
-        The LM head runs on the completion positions only, in chunks recomputed in backward
-        (`models.scoring`): no [b, L, V] or [b, C, V] logits are made or kept.
-
-        Under ZeRO-3 the head's weight is partitioned, and only the module's hooks gather it: in
-        its pre-forward hook for the call, in a hook on its outputs for its backward. So the fused
-        head runs as the head module's forward, once per micro-batch: the weight is whole in both
-        passes, the gradient reaches it while it is whole (autograd runs a leaf's accumulation
-        first), and every rank makes the same two gathers whatever its number of tokens or chunks
-        (calling the module once per chunk would not: ranks with different token counts would
-        issue different numbers of collectives and hang). Reading `lm_head.weight` outside a call
-        would see an empty shard, and `GatheredParameters` around the forward would not cover the
-        backward, which runs later inside `engine.backward`. A tied embedding is the same
-        parameter, gathered the same way. ZeRO-2 (and the stage-0 reference) keep whole
-        parameters: no hooks, nothing changes.
-
-        The whole scoring runs as the engine module's forward, through `engine(...)`: DeepSpeed
-        hooks the engine's outputs to open its backward bookkeeping (`engine.backward` relies on
-        it) and starts ZeRO-3's fetch trace at the module's forward.
-        """
-        batch = batch.to(self.device)
-
-        def score(**model_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return completion_scores(
-                engine.module,
-                replace(batch, model_inputs=model_inputs),
-                temperature,
-                self.suppressed,
-                self.opts.logprob_chunk_size,
-                with_entropy,
-            )
-
-        with forward_replaced(engine.module, score):
-            scores: tuple[torch.Tensor, torch.Tensor | None] = engine(**batch.model_inputs)
-        return scores
-
-    @torch.no_grad()
-    def _frozen_logprobs(self, engine: Any, batch: PolicyBatch) -> torch.Tensor:
-        """[b, C] log-probs of a batch's completions under `engine`'s model, without a graph."""
-        logprobs, _ = self._completion_scores(engine, batch, self.loss_opts.temperature)
-        return logprobs.float()
-
-    def _policy_batch(
-        self, micro: Sequence[TrainSample], encoded: dict[str, EncodedPrompt]
-    ) -> PolicyBatch:
-        """A micro-batch's inputs: right-padded, or packed into one row (pack_sequences).
-
-        `encoded`: the prompts of the call's batch encoded so far, shared by its micro-batches
-        and passes (`build_policy_batch`)."""
-        batch = build_policy_batch(self.processor, micro, self.pad_id, encoded)
-        return packed_for(self.engine.module, batch) if self.opts.pack_sequences else batch
-
-    def _score(
-        self, module: Any, samples: Sequence[TrainSample], encoded: dict[str, EncodedPrompt]
-    ) -> list[torch.Tensor]:
-        """Per-micro-batch [b, C] log-probs of the samples' completions under `module`, on CPU."""
-        return [
-            self._frozen_logprobs(module, self._policy_batch(micro, encoded)).cpu()
-            for micro in chunk(samples, self.opts.micro_batch_size)
-        ]
-
     def score(self, samples: Sequence[TrainSample]) -> list[list[float]]:
         """Each sample's completion log-probs under the current policy (the learner's side of a
         rollout/learner comparison; every rank calls under ZeRO-3)."""
@@ -272,7 +201,7 @@ class Learner:
             row[: len(s.completion_ids)].tolist()
             for micro, lp in zip(
                 chunk(samples, self.opts.micro_batch_size),
-                self._score(self.engine, samples, {}),
+                self.scorer.logprobs(self.engine, samples, {}),
                 strict=True,
             )
             for s, row in zip(micro, lp, strict=True)
@@ -292,7 +221,7 @@ class Learner:
         # One epoch over one mini-batch is exactly on-policy: every sample is trained on before
         # the policy moves.
         on_policy = self.opts.ppo_epochs == 1 and len(plan.minibatches) == 1
-        rollout = self._rollout_logprobs(flat)
+        rollout = rollout_logprobs(flat, self.loss_opts)
         encoded: dict[str, EncodedPrompt] = {}  # the batch's prompts, encoded once for the call
         old: dict[int, torch.Tensor] = {}
         if self.loss_opts.use_rollout_logprobs:
@@ -305,7 +234,7 @@ class Learner:
             later = [s for mb in plan.minibatches[1:] for s in mb]
             for micro, lp in zip(
                 chunk(later, self.opts.micro_batch_size),
-                self._score(self.engine, later, encoded),
+                self.scorer.logprobs(self.engine, later, encoded),
                 strict=True,
             ):
                 old.update({id(s): lp[i, : len(s.completion_ids)] for i, s in enumerate(micro)})
@@ -334,28 +263,6 @@ class Learner:
                 sums["lr"] += lr
         return dict(sums)
 
-    def _rollout_logprobs(self, samples: Sequence[TrainSample]) -> dict[int, torch.Tensor]:
-        """Each sample's rollout log-probs (pi_behav), by `id(sample)`.
-
-        Empty when some sample has none (or not one per completion token) and the loss does not
-        need them: then no learner/rollout mismatch is logged. The loss needs them with
-        `use_rollout_logprobs` or `behaviour_is_cap`; then such a sample is an error.
-        """
-        lo = self.loss_opts
-        for s in samples:
-            have = len(s.rollout_logprobs or [])
-            if have == len(s.completion_ids):
-                continue
-            if not lo.use_rollout_logprobs and lo.behaviour_is_cap is None:
-                return {}
-            raise ValueError(
-                f"a sample of prompt {s.prompt.id!r} (policy version {s.policy_version}) has "
-                f"{have} rollout log-probs for {len(s.completion_ids)} completion tokens: "
-                "algo.loss.use_rollout_logprobs and algo.loss.behaviour_is_cap need the rollout "
-                "engine's log-prob of every completion token"
-            )
-        return {id(s): torch.tensor(s.rollout_logprobs or [], dtype=torch.float32) for s in samples}
-
     def _rl_micro_step(
         self,
         micro: list[TrainSample],
@@ -377,15 +284,15 @@ class Learner:
         optimizer step (then the rollout's old log-probs can be compared with the learner's).
         """
         lo = self.loss_opts
-        batch = self._policy_batch(micro, encoded)
+        batch = self.scorer.batch(self.engine.module, micro, encoded)
         mask = batch.completion_mask.to(self.device)  # [b, C]
-        logprobs, entropy = self._completion_scores(
+        logprobs, entropy = self.scorer.completion_scores(
             self.engine, batch, lo.temperature, with_entropy=True
         )  # [b, C] each
         assert entropy is not None
         old_logprobs = old_logprobs_of(micro, old, logprobs, mask, fresh)  # [b, C]
         behaviour = (
-            _pad_rows([rollout[id(s)] for s in micro], mask).to(self.device) if rollout else None
+            pad_rows([rollout[id(s)] for s in micro], mask).to(self.device) if rollout else None
         )  # [b, C]
         # The learner's own log-probs at the start of the step, to log the mismatch: the old ones
         # unless they are the rollout's; then the current ones while no optimizer step has moved
@@ -395,7 +302,7 @@ class Learner:
             learner_start = logprobs.detach() if on_policy else None
         ref_logprobs = None
         if self.reference is not None:
-            ref_logprobs = self._frozen_logprobs(self.reference, batch)
+            ref_logprobs = self.scorer.frozen_logprobs(self.reference, batch)
         advantages = torch.tensor([s.advantage for s in micro], device=self.device)  # [b]
         corrected = lo.behaviour_is_cap is not None
         loss, metrics = policy_loss(
@@ -451,7 +358,7 @@ class Learner:
             )
         self.engine.train()
         (samples,) = plan.minibatches
-        rollout = self._rollout_logprobs(samples)
+        rollout = rollout_logprobs(samples, self.loss_opts)
         old = rollout if self.loss_opts.use_rollout_logprobs else {}
         micros, encoded = chunk(samples, self.opts.micro_batch_size), {}
         for i, micro in enumerate(micros):
@@ -485,9 +392,11 @@ class Learner:
         micros = chunk(samples, self.opts.micro_batch_size)
         for i, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-            batch = self._policy_batch(micro, {})  # SFT prompts are distinct: nothing to share
+            batch = self.scorer.batch(
+                self.engine.module, micro, {}
+            )  # SFT prompts are distinct: nothing to share
             mask = batch.completion_mask.to(self.device)
-            logprobs, _ = self._completion_scores(self.engine, batch, 1.0)
+            logprobs, _ = self.scorer.completion_scores(self.engine, batch, 1.0)
             loss = -(logprobs * mask).sum() / num_tokens
             if not torch.isfinite(loss):
                 loss = poisoned(loss, logprobs)
@@ -509,7 +418,7 @@ class Learner:
         Returns `optim_steps` (1 taken) or `skipped_steps` (1), `skipped_in_a_row_max` (the skips
         since this rank's last step, which the driver limits) and a taken step's `grad_norm`.
         """
-        if self.opts.zero_stage == 0 and not _gradients_finite(self.engine.module):
+        if self.opts.zero_stage == 0 and not gradients_finite(self.engine.module):
             self.optimizer.zero_grad(set_to_none=True)
             applied = False
         else:
@@ -523,7 +432,7 @@ class Learner:
         return {
             "optim_steps": 1.0,
             "skipped_in_a_row_max": 0.0,
-            "grad_norm": _grad_norm(self.engine),
+            "grad_norm": grad_norm(self.engine),
         }
 
     # ------------------------------------------------------------------------- weights out
@@ -599,7 +508,7 @@ class Learner:
     def save_pretrained(self, path: str) -> None:
         """Write the policy as an HF checkpoint with its processor (every rank calls; rank 0
         writes)."""
-        state = _gather_on_rank0(self.engine.module, self.rank)
+        state = gather_on_rank0(self.engine.module, self.rank)
         if state is not None:
             self.engine.module.save_pretrained(path, state_dict=state)
             self.processor.save_pretrained(path)
@@ -621,7 +530,7 @@ class Learner:
         client = {"optim": asdict(self.optim), "optim_step": self.optim_step}
         self.engine.save_checkpoint(str(out), tag="policy", client_state=client, save_latest=False)
         if self.reference is not None:
-            state = _gather_on_rank0(self.reference.module, self.rank)
+            state = gather_on_rank0(self.reference.module, self.rank)
             if state is not None:
                 save_file(
                     {k: v.contiguous() for k, v in state.items()}, out / "reference.safetensors"
@@ -641,7 +550,7 @@ class Learner:
         optim["betas"] = tuple(optim["betas"])
         self.optim, self.optim_step = OptimOptions(**optim), int(client["optim_step"])
         if self.reference is not None:
-            _load_on_rank0(self.reference.module, src / "reference.safetensors", self.rank)
+            load_on_rank0(self.reference.module, src / "reference.safetensors", self.rank)
         set_rng_states(torch.load(src / f"rng_rank{self.rank}.pt", weights_only=True))
 
     def ping(self) -> int:
@@ -657,119 +566,3 @@ class Learner:
         vLLM engine waking up finds the memory training peaked at (a no-op on CPU)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _partitioned(param: torch.Tensor) -> bool:
-    """A ZeRO-3 parameter (its data lives in shards over the ranks)."""
-    return hasattr(param, "ds_id")
-
-
-def _gather_on_rank0(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
-    """On rank 0 every parameter of `module`, copied to the CPU; None on the other ranks.
-
-    A ZeRO-3 parameter is gathered in turn (a collective every rank enters) and released before
-    the next, so a rank's device holds at most one full parameter beyond its shard, and only
-    rank 0 keeps host copies.
-    """
-    import deepspeed
-
-    state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], enabled=_partitioned(param)):
-            if state is not None:
-                state[name] = param.detach().to("cpu", copy=True)
-    return state
-
-
-@torch.no_grad()
-def _load_on_rank0(module: torch.nn.Module, path: Path, rank: int) -> None:
-    """Load a safetensors file into `module`'s parameters: rank 0 reads it; a ZeRO-3 parameter
-    is re-partitioned from rank 0's copy, a replicated one is read by every rank."""
-    import deepspeed
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as weights:
-        for name, param in module.named_parameters():
-            partitioned = _partitioned(param)
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=partitioned):
-                if rank == 0 or not partitioned:
-                    param.data.copy_(weights.get_tensor(name))
-
-
-def old_logprobs_of(
-    micro: Sequence[TrainSample],
-    old: dict[int, torch.Tensor],
-    current: torch.Tensor,
-    mask: torch.Tensor,
-    fresh: bool,
-) -> torch.Tensor:
-    """[b, C] old log-probs of a micro-batch, on `current`'s device: from `old` (by sample), or,
-    for a micro-batch trained on before any optimizer step (`fresh`) and not yet in `old`, the
-    `current` ones detached, which are then recorded in `old` for later epochs."""
-    known = [id(s) in old for s in micro]
-    if all(known):
-        return _pad_rows([old[id(s)] for s in micro], mask).to(current.device)
-    if not fresh or any(known):
-        raise RuntimeError(
-            "a micro-batch has no old log-probs after an optimizer step moved the policy: "
-            "only the first mini-batch of a call may take them from its own forward"
-        )
-    detached = current.detach()
-    old.update({id(s): detached[i, : len(s.completion_ids)] for i, s in enumerate(micro)})
-    return detached
-
-
-def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Stack 1-D rows into a zero-padded [b, C] tensor shaped like `like`."""
-    out = torch.zeros(like.shape, dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : row.numel()] = row[: like.shape[1]]
-    return out
-
-
-@contextmanager
-def weights_only_torch_loads() -> Iterator[None]:
-    """Every torch.load inside unpickles tensors and plain data only.
-
-    DeepSpeed 0.19.8 reads its checkpoint files with `torch.load(weights_only=False)`
-    (`TorchCheckpointEngine.load`): resuming from a checkpoint someone else wrote would run any
-    code its pickles hold. `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides that; the optimizer states
-    hold three DeepSpeed classes besides plain data, allowed by name.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
-
-
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-
-
-def poisoned(loss: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """A non-finite loss whose backward makes every gradient it reaches NaN.
-
-    A NaN or Inf loss usually spreads into the gradients on its own, but not always (an Inf
-    behind a clamp, a NaN that only the forward value carries); the overflow check reads
-    gradients, so a rank that saw a bad loss makes sure its gradients say so.
-    """
-    return loss + (logprobs * float("nan")).sum()
-
-
-def _gradients_finite(module: torch.nn.Module) -> bool:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-
-def _grad_norm(engine: Any) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
