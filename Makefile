@@ -6,6 +6,11 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Every install passes the one constraints file, so no dependency can pull another torch build.
 CONSTRAINTS := -c constraints.txt
+# Python caches the bytecode of what a run imports on first use, so that later processes (the
+# driver and every actor of each run and test) read it instead of compiling torch, transformers
+# and DeepSpeed from source again. Some machines set PYTHONDONTWRITEBYTECODE, under which
+# a demo's start-up took twice the CPU (benchmarks/startup.py, benchmarks/RESULTS.md).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install test test-slow test-faults bench bench-env bench-trl test-job test-gpu test-vllm install-gpu lock-gpu check-gpu-lock lint format demo clean
 
