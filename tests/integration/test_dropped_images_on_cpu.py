@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from gmai_rl.batches import collect_groups
 from gmai_rl.config import AlgoConfig
 from gmai_rl.data import build_prompt, load_mcq_jsonl
 from gmai_rl.evaluate import summarize
 from gmai_rl.feed import ItemSampler
-from gmai_rl.batches import collect_groups
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.reward.worker import RewardWorker
 from gmai_rl.rollout.worker import RolloutWorker
