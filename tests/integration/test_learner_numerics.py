@@ -8,15 +8,21 @@ every rank.
 Each test runs on the tiny Qwen2.5-VL (needs torchvision) and on the tiny Qwen2 text model, so
 the vLLM test environment (torch 2.13, transformers < 5.20, no torchvision: the GPU lock's pair)
 checks the learner too (make test-vllm).
+
+One pair of rank processes serves every test of the module (`learners`): each configuration is
+built by the production constructor in the warm processes (tests/learner_ranks.py), a few
+seconds where starting new processes took 15-60.
 """
 
 import dataclasses
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
 
+import learner_ranks
 from gmai_rl.algo import policy_loss, token_logprobs
 from gmai_rl.data import load_mcq_jsonl
 from gmai_rl.feed import sft_samples
@@ -27,11 +33,9 @@ from gmai_rl.learner.rank_metrics import (
     check_step_decisions,
     combine_rank_metrics,
 )
-from gmai_rl.learner.worker import Learner
 from gmai_rl.models.inputs import build_policy_batch, completion_logits
 from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
 from gmai_rl.models.tokens import vision_token_ids
-from gmai_rl.sync.group import find_free_port
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -95,6 +99,13 @@ def reference_gradients(model_dir, samples) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.fixture(scope="module")
+def full_batch_gradients(model_case):
+    """reference_gradients of the model's samples, and of the same with advantages negated."""
+    model_dir, samples = model_case
+    return reference_gradients(model_dir, samples), reference_gradients(model_dir, flipped(samples))
+
+
 def global_norm(grads: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
 
@@ -124,29 +135,32 @@ def flipped(samples):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(
-        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}
-    )
+    # The workers import the ranks' class from learner_ranks, beside this folder.
+    tests_dir = os.path.dirname(learner_ranks.__file__)
+    path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    env_vars = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars})
     yield
     ray.shutdown()
 
 
-def start_ranks(model_dir, opts, loss=None, world=2):
-    port = find_free_port()
-    return [
-        ray.remote(Learner)
-        .options(num_cpus=1)
-        .remote(
-            ModelOptions(model_dir),
-            opts,
-            loss or LossOptions(kl_coef=0.0),
-            rank,
-            world,
-            "127.0.0.1",
-            port,
-        )
-        for rank in range(world)
-    ]
+@pytest.fixture(scope="module")
+def learner_pair(local_ray):
+    pair = learner_ranks.LearnerPair()
+    yield pair
+    pair.discard()
+
+
+@pytest.fixture
+def learners(learner_pair, request):
+    """learners(model_dir, learner_options, loss_options=kl_coef 0): the two ranks, as new
+    `Learner`s of that configuration would be."""
+    failed_before = request.session.testsfailed
+    yield learner_pair.build
+    if request.session.testsfailed > failed_before:
+        # A failed test may have left a rank inside a collective, or half-built: the next test
+        # gets new processes.
+        learner_pair.discard()
 
 
 def plan(ranks, samples):
@@ -159,12 +173,10 @@ def train(ranks, samples):
     )
 
 
-def test_gradient_comparison_tells_flipped_advantages_apart(model_case):
+def test_gradient_comparison_tells_flipped_advantages_apart(full_batch_gradients):
     """Negated advantages negate the gradient: the same global norm, every parameter wrong.
     The per-parameter comparison must catch what the norm cannot."""
-    model_dir, samples = model_case
-    expected = reference_gradients(model_dir, samples)
-    wrong = reference_gradients(model_dir, flipped(samples))
+    expected, wrong = full_batch_gradients
     assert global_norm(wrong) == pytest.approx(global_norm(expected), rel=1e-6)
     nonzero = [n for n, g in expected.items() if float(g.abs().max()) > 0]
     assert len(nonzero) > 0.9 * len(expected)
@@ -173,9 +185,11 @@ def test_gradient_comparison_tells_flipped_advantages_apart(model_case):
 
 
 @pytest.mark.parametrize(("zero_stage", "pack"), [(2, False), (3, False), (3, True)])
-def test_two_ranks_with_micro_batches_match_one_full_batch(local_ray, model_case, zero_stage, pack):
+def test_two_ranks_with_micro_batches_match_one_full_batch(
+    learners, model_case, full_batch_gradients, zero_stage, pack
+):
     model_dir, samples = model_case
-    expected = reference_gradients(model_dir, samples)  # padded, one batch, no DeepSpeed
+    expected, wrong = full_batch_gradients  # padded, one batch, no DeepSpeed
     # Chunks of 4 completion tokens: the LM head runs (and is recomputed in backward) several
     # times per micro-batch, each time on a weight ZeRO-3 must gather. pack: each micro-batch's
     # samples in one row without padding (learner.pack_sequences).
@@ -186,45 +200,35 @@ def test_two_ranks_with_micro_batches_match_one_full_batch(local_ray, model_case
         logprob_chunk_size=4,
         pack_sequences=pack,
     )
-    ranks = start_ranks(model_dir, opts)
-    try:
-        # 3 micro-batches per rank. Every rank reads back the same full gradient.
-        per_rank = ray.get(
-            [r.rl_gradients.remote(p) for r, p in zip(ranks, plan(ranks, samples), strict=True)]
-        )
-        for grads in per_rank:
-            assert gradient_mismatches(expected, dict(grads)) == []
-        # Against the gradient of the advantages' opposite sign, the same read-back fails.
-        assert gradient_mismatches(reference_gradients(model_dir, flipped(samples)), dict(grads))
+    ranks = learners(model_dir, opts)
+    # 3 micro-batches per rank. Every rank reads back the same full gradient.
+    per_rank = ray.get(
+        [r.rl_gradients.remote(p) for r, p in zip(ranks, plan(ranks, samples), strict=True)]
+    )
+    for grads in per_rank:
+        assert gradient_mismatches(expected, dict(grads)) == []
+    # Against the gradient of the advantages' opposite sign, the same read-back fails.
+    assert gradient_mismatches(wrong, dict(grads))
 
-        # rl_gradients left no gradient behind: the step's norm is the batch's alone.
-        metrics = train(ranks, samples)
-        assert metrics["grad_norm"] == pytest.approx(global_norm(expected), rel=1e-4)
-        weights = ray.get([r.named_parameters.remote() for r in ranks])
-        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*weights, strict=True))
-    finally:
-        for r in ranks:
-            ray.kill(r)
+    # rl_gradients left no gradient behind: the step's norm is the batch's alone.
+    metrics = train(ranks, samples)
+    assert metrics["grad_norm"] == pytest.approx(global_norm(expected), rel=1e-4)
+    weights = ray.get([r.named_parameters.remote() for r in ranks])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*weights, strict=True))
 
 
-def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(local_ray, model_case):
+def test_kl_grows_as_the_policy_moves_and_resets_with_the_reference(learners, model_case):
     model_dir, samples = model_case
-    ranks = start_ranks(model_dir, LearnerOptions(micro_batch_size=4), LossOptions(kl_coef=0.1))
-    try:
-        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
-        first = train(ranks, samples)
-        second = train(ranks, samples)
-        assert first["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
-        assert second["ref_kl"] > 1e-4 and second["kl_loss"] > 0
-        assert second["loss"] == pytest.approx(
-            second["pg_loss"] + 0.1 * second["kl_loss"], rel=1e-4
-        )
-        # A new stage re-anchors the reference at the current policy (the RL start after SFT).
-        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10), True) for r in ranks])
-        assert train(ranks, samples)["ref_kl"] == pytest.approx(0.0, abs=1e-6)
-    finally:
-        for r in ranks:
-            ray.kill(r)
+    ranks = learners(model_dir, LearnerOptions(micro_batch_size=4), LossOptions(kl_coef=0.1))
+    ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
+    first = train(ranks, samples)
+    second = train(ranks, samples)
+    assert first["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert second["ref_kl"] > 1e-4 and second["kl_loss"] > 0
+    assert second["loss"] == pytest.approx(second["pg_loss"] + 0.1 * second["kl_loss"], rel=1e-4)
+    # A new stage re-anchors the reference at the current policy (the RL start after SFT).
+    ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10), True) for r in ranks])
+    assert train(ranks, samples)["ref_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def with_rollout_logprobs(samples, nan_at=None):
@@ -242,13 +246,13 @@ def with_rollout_logprobs(samples, nan_at=None):
 @pytest.mark.faults  # make test-faults: DeepSpeed's three step paths take ~1.5 min each
 @pytest.mark.parametrize("model_case", ["qwen2-text"], indirect=True)
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank(local_ray, model_case, zero_stage):
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(learners, model_case, zero_stage):
     """A NaN behaviour log-prob in one sample, which only rank 1 holds: its loss is NaN, rank 0's
     is finite. No rank may step (their replicas would part); the next clean step is taken by
     both, and `learner.max_skipped_steps` skips in a row stop training."""
     model_dir, samples = model_case
     opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=4, num_minibatches=1)
-    ranks = start_ranks(model_dir, opts, LossOptions(kl_coef=0.0, use_rollout_logprobs=True))
+    ranks = learners(model_dir, opts, LossOptions(kl_coef=0.0, use_rollout_logprobs=True))
 
     def step(batch):
         plans = plan(ranks, batch)
@@ -257,33 +261,29 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(local_ray, model_case, z
     def weights():
         return [dict(w) for w in ray.get([r.named_parameters.remote() for r in ranks])]
 
-    try:
-        ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
-        clean = with_rollout_logprobs(samples)
-        on_rank_1 = plan(ranks, clean)[1].minibatches[0][0]
-        poisoned = with_rollout_logprobs(samples, nan_at=clean.index(on_rank_1))
-        before = weights()
+    ray.get([r.start_stage.remote(OptimOptions(lr=1e-2, total_steps=10)) for r in ranks])
+    clean = with_rollout_logprobs(samples)
+    on_rank_1 = plan(ranks, clean)[1].minibatches[0][0]
+    poisoned = with_rollout_logprobs(samples, nan_at=clean.index(on_rank_1))
+    before = weights()
 
-        skipped = step(poisoned)
-        assert [math.isnan(r["loss"]) for r in skipped] == [False, True]
-        assert [(r.get("optim_steps", 0), r["skipped_steps"]) for r in skipped] == [(0, 1)] * 2
-        after_skip = weights()
-        for w in (before[0], *after_skip):
-            assert all(torch.equal(w[name], before[1][name]) for name in before[1])
+    skipped = step(poisoned)
+    assert [math.isnan(r["loss"]) for r in skipped] == [False, True]
+    assert [(r.get("optim_steps", 0), r["skipped_steps"]) for r in skipped] == [(0, 1)] * 2
+    after_skip = weights()
+    for w in (before[0], *after_skip):
+        assert all(torch.equal(w[name], before[1][name]) for name in before[1])
 
-        taken = step(clean)
-        assert [(r["optim_steps"], r.get("skipped_steps", 0)) for r in taken] == [(1, 0)] * 2
-        moved = weights()
-        assert any(not torch.equal(moved[0][n], before[0][n]) for n in before[0])
-        assert all(torch.equal(moved[0][n], moved[1][n]) for n in moved[0])
-        check_step_decisions(taken, max_skipped=1)  # the run of skips ended
+    taken = step(clean)
+    assert [(r["optim_steps"], r.get("skipped_steps", 0)) for r in taken] == [(1, 0)] * 2
+    moved = weights()
+    assert any(not torch.equal(moved[0][n], before[0][n]) for n in before[0])
+    assert all(torch.equal(moved[0][n], moved[1][n]) for n in moved[0])
+    check_step_decisions(taken, max_skipped=1)  # the run of skips ended
 
+    check_step_decisions(step(poisoned), max_skipped=2)
+    with pytest.raises(NonFiniteTrainingError, match="2 optimizer steps in a row"):
         check_step_decisions(step(poisoned), max_skipped=2)
-        with pytest.raises(NonFiniteTrainingError, match="2 optimizer steps in a row"):
-            check_step_decisions(step(poisoned), max_skipped=2)
-    finally:
-        for r in ranks:
-            ray.kill(r)
 
 
 def shifted_logprobs(samples, learner_rows, deltas=(0.0,)):
@@ -298,7 +298,7 @@ def shifted_logprobs(samples, learner_rows, deltas=(0.0,)):
 
 
 @pytest.mark.parametrize("model_case", ["qwen2-text"], indirect=True)
-def test_truncated_is_correction_on_agreeing_and_shifted_rollout_logprobs(local_ray, model_case):
+def test_truncated_is_correction_on_agreeing_and_shifted_rollout_logprobs(learners, model_case):
     """behaviour_is_cap with rollout log-probs equal to the learner's own trains as the plain
     loss does (w = 1); shifted ones show up in the mismatch and weight metrics.
 
@@ -331,53 +331,46 @@ def test_truncated_is_correction_on_agreeing_and_shifted_rollout_logprobs(local_
     def own_logprobs(ranks):
         return ray.get([r.score.remote(samples) for r in ranks])[0]
 
-    ranks = start_ranks(model_dir, opts, LossOptions(kl_coef=0.0))
-    try:
-        ray.get([r.start_stage.remote(optim) for r in ranks])
-        agreeing = shifted_logprobs(samples, own_logprobs(ranks))
-        plain_grads = gradients(ranks, agreeing)
-        plain = two_minibatches(ranks, agreeing)
-    finally:
-        for r in ranks:
-            ray.kill(r)
+    ranks = learners(model_dir, opts, LossOptions(kl_coef=0.0))
+    ray.get([r.start_stage.remote(optim) for r in ranks])
+    agreeing = shifted_logprobs(samples, own_logprobs(ranks))
+    plain_grads = gradients(ranks, agreeing)
+    plain = two_minibatches(ranks, agreeing)
     # Cap off: no weight, but the learner/rollout mismatch is logged (float noise here).
     assert "is_weight_mean" not in plain and plain["logprob_diff_max"] < 1e-4
 
-    ranks = start_ranks(model_dir, opts, LossOptions(kl_coef=0.0, behaviour_is_cap=2.0))
-    try:
-        ray.get([r.start_stage.remote(optim) for r in ranks])
-        assert gradient_mismatches(plain_grads, gradients(ranks, agreeing)) == []
-        capped = two_minibatches(ranks, agreeing)
-        for key in ("loss", "pg_loss", "grad_norm", "ratio_mean", "logprob_diff_mean"):
-            assert capped[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
-        assert capped["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
-        assert capped["is_truncated_frac"] == 0.0
+    # The same starting weights (the checkpoint's) with the cap on.
+    ranks = learners(model_dir, opts, LossOptions(kl_coef=0.0, behaviour_is_cap=2.0))
+    ray.get([r.start_stage.remote(optim) for r in ranks])
+    assert gradient_mismatches(plain_grads, gradients(ranks, agreeing)) == []
+    capped = two_minibatches(ranks, agreeing)
+    for key in ("loss", "pg_loss", "grad_norm", "ratio_mean", "logprob_diff_mean"):
+        assert capped[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+    assert capped["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert capped["is_truncated_frac"] == 0.0
 
-        # A sample without rollout log-probs cannot be weighted: named, before any forward.
-        with pytest.raises(ray.exceptions.RayTaskError, match="rollout log-probs for"):
-            two_minibatches(ranks, samples)
+    # A sample without rollout log-probs cannot be weighted: named, before any forward.
+    with pytest.raises(ray.exceptions.RayTaskError, match="rollout log-probs for"):
+        two_minibatches(ranks, samples)
 
-        # The engine's log-probs off by -0.5, +1 and -1 (token by token): w = e^0.5, e^-1 and
-        # e^1 truncated to 2; the mismatch is measured against the step's starting policy.
-        deltas = (-0.5, 1.0, -1.0)
-        shifted = two_minibatches(ranks, shifted_logprobs(samples, own_logprobs(ranks), deltas))
-        per_token = [t % 3 for s in samples for t in range(len(s.completion_ids))]
-        weights = [math.exp(0.5), math.exp(-1.0), 2.0]
-        expected_diff = sum(abs(deltas[k]) for k in per_token) / len(per_token)
-        assert shifted["logprob_diff_mean"] == pytest.approx(expected_diff, abs=1e-4)
-        assert shifted["logprob_diff_max"] == pytest.approx(1.0, abs=1e-4)
-        expected_w = sum(weights[k] for k in per_token) / len(per_token)
-        assert shifted["is_weight_mean"] == pytest.approx(expected_w, abs=1e-4)
-        expected_frac = per_token.count(2) / len(per_token)
-        assert shifted["is_truncated_frac"] == pytest.approx(expected_frac, abs=1e-6)
-    finally:
-        for r in ranks:
-            ray.kill(r)
+    # The engine's log-probs off by -0.5, +1 and -1 (token by token): w = e^0.5, e^-1 and
+    # e^1 truncated to 2; the mismatch is measured against the step's starting policy.
+    deltas = (-0.5, 1.0, -1.0)
+    shifted = two_minibatches(ranks, shifted_logprobs(samples, own_logprobs(ranks), deltas))
+    per_token = [t % 3 for s in samples for t in range(len(s.completion_ids))]
+    weights = [math.exp(0.5), math.exp(-1.0), 2.0]
+    expected_diff = sum(abs(deltas[k]) for k in per_token) / len(per_token)
+    assert shifted["logprob_diff_mean"] == pytest.approx(expected_diff, abs=1e-4)
+    assert shifted["logprob_diff_max"] == pytest.approx(1.0, abs=1e-4)
+    expected_w = sum(weights[k] for k in per_token) / len(per_token)
+    assert shifted["is_weight_mean"] == pytest.approx(expected_w, abs=1e-4)
+    expected_frac = per_token.count(2) / len(per_token)
+    assert shifted["is_truncated_frac"] == pytest.approx(expected_frac, abs=1e-6)
 
 
 @pytest.mark.parametrize("model_case", ["qwen2-text"], indirect=True)
 def test_every_mini_batch_takes_its_ratio_against_the_policy_at_the_start_of_the_step(
-    local_ray, model_case
+    learners, model_case
 ):
     """Two mini-batches, one epoch. The first mini-batch's old log-probs come from its own
     training forward and only the second is scored before the first optimizer step; the step
@@ -389,23 +382,17 @@ def test_every_mini_batch_takes_its_ratio_against_the_policy_at_the_start_of_the
     optim = OptimOptions(lr=1e-2, total_steps=10)
 
     def one_step(loss, with_start_scores):
-        ranks = start_ranks(model_dir, opts, loss)
-        try:
-            ray.get([r.start_stage.remote(optim) for r in ranks])
-            before = dict(ray.get(ranks[0].named_parameters.remote()))
-            batch = samples
-            if with_start_scores:
-                batch = shifted_logprobs(
-                    samples, ray.get([r.score.remote(samples) for r in ranks])[0]
-                )
-            plans = plan_rank_batches(batch, len(ranks), num_minibatches=2)
-            metrics = combine_rank_metrics(
-                ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plans, strict=True)])
-            )
-            after = dict(ray.get(ranks[0].named_parameters.remote()))
-        finally:
-            for r in ranks:
-                ray.kill(r)
+        ranks = learners(model_dir, opts, loss)  # from the checkpoint's weights each time
+        ray.get([r.start_stage.remote(optim) for r in ranks])
+        before = dict(ray.get(ranks[0].named_parameters.remote()))
+        batch = samples
+        if with_start_scores:
+            batch = shifted_logprobs(samples, ray.get([r.score.remote(samples) for r in ranks])[0])
+        plans = plan_rank_batches(batch, len(ranks), num_minibatches=2)
+        metrics = combine_rank_metrics(
+            ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plans, strict=True)])
+        )
+        after = dict(ray.get(ranks[0].named_parameters.remote()))
         return metrics, {name: after[name] - before[name] for name in before}
 
     ours, moved = one_step(LossOptions(kl_coef=0.0), with_start_scores=False)

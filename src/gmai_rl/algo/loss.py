@@ -118,6 +118,22 @@ def aggregate(
     return per_seq.sum() / num_seqs
 
 
+def _check_behaviour_args(
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor | None,
+    behaviour_is_cap: float | None,
+) -> None:
+    if (behaviour_logprobs is None) != (behaviour_is_cap is None):
+        raise ValueError(
+            "behaviour_logprobs and behaviour_is_cap go together: pass both or neither"
+        )
+    if behaviour_logprobs is not None and behaviour_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"behaviour_logprobs has shape {tuple(behaviour_logprobs.shape)}, expected "
+            f"{tuple(logprobs.shape)} like logprobs"
+        )
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -180,15 +196,7 @@ def policy_loss(
     """
     _check_policy_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, kl_coef)
     _check_clip_args(clip_eps_low, clip_eps_high, dual_clip_c)
-    if (behaviour_logprobs is None) != (behaviour_is_cap is None):
-        raise ValueError(
-            "behaviour_logprobs and behaviour_is_cap go together: pass both or neither"
-        )
-    if behaviour_logprobs is not None and behaviour_logprobs.shape != logprobs.shape:
-        raise ValueError(
-            f"behaviour_logprobs has shape {tuple(behaviour_logprobs.shape)}, expected "
-            f"{tuple(logprobs.shape)} like logprobs"
-        )
+    _check_behaviour_args(logprobs, behaviour_logprobs, behaviour_is_cap)
     mask = mask.bool()
     # Padding may hold anything (-inf from a masked vocabulary, NaN): zero it before arithmetic so
     # neither the forward values nor the backward through exp() can turn into NaN.

@@ -13,7 +13,6 @@ batches and SFT batches of different sizes.
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -24,11 +23,11 @@ import torch
 
 from gmai_rl.algo import logprob_mismatch, policy_loss
 from gmai_rl.learner.batching import RankBatch, chunk
-from gmai_rl.learner.deepspeed_config import deepspeed_config, reference_config
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
 from gmai_rl.learner.scorer import Scorer
+from gmai_rl.learner.setup import build_policy, build_reference, init_distributed
 from gmai_rl.learner.steps import (
     grad_norm,
     gradients_finite,
@@ -38,14 +37,14 @@ from gmai_rl.learner.steps import (
     rollout_logprobs,
 )
 from gmai_rl.learner.zero import (
+    copy_parameters,
     gather_on_rank0,
     load_on_rank0,
-    loading_for,
     weights_only_torch_loads,
 )
-from gmai_rl.models.device import require_cuda, rng_states, set_rng_states
+from gmai_rl.models.device import rng_states, set_rng_states
 from gmai_rl.models.inputs import EncodedPrompt
-from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
+from gmai_rl.models.loading import ModelOptions, load_processor, tokenizer_of
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.buffers import FlatBuffers
@@ -54,40 +53,6 @@ from gmai_rl.sync.weights import DEFAULT_MAX_IN_FLIGHT, param_specs, push_weight
 from gmai_rl.types import TrainSample
 
 log = logging.getLogger(__name__)
-
-
-def init_distributed(
-    rank: int, world_size: int, master_addr: str, master_port: int, use_cuda: bool
-) -> str:
-    """Join the learner group (NCCL on GPU, gloo on CPU); returns the device ("cuda:0", "cpu").
-
-    `use_cuda` is the configuration's choice; a GPU rank without working CUDA fails here.
-    """
-    if use_cuda:
-        require_cuda(f"learner rank {rank}")
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(
-        MASTER_ADDR=master_addr,
-        MASTER_PORT=str(master_port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK="0",
-    )
-    import deepspeed
-
-    if not use_cuda:
-        # The shared-memory comm op serves only tensor-parallel inference all-reduce, never
-        # training; marking it incompatible skips its C++ build (~20-50 s on a fresh machine).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(
-        dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False
-    )
-    if use_cuda:
-        # Ray gives each actor its own GPU(s) through CUDA_VISIBLE_DEVICES.
-        torch.cuda.set_device(0)
-        return "cuda:0"
-    return "cpu"
 
 
 class Learner:
@@ -104,8 +69,6 @@ class Learner:
         master_port: int,
         use_gpu: bool = False,
     ) -> None:
-        import deepspeed
-
         torch.set_num_threads(learner.torch_threads)
         torch.manual_seed(learner.seed)
         self.rank, self.world_size = rank, world_size
@@ -122,35 +85,15 @@ class Learner:
             self.processor, self.pad_id, self.suppressed, self.device, learner, loss
         )
 
-        config = deepspeed_config(learner, world_size)
-        with loading_for(config):
-            policy = load_model(model, device=self._load_device(config))
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=0.0)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=policy, optimizer=optimizer, config=config
+        self.engine, self.optimizer = build_policy(model, learner, world_size, self.device)
+        self.reference = (
+            build_reference(model, learner, world_size, self.device) if loss.kl_coef > 0 else None
         )
-        self.reference = None
-        if loss.kl_coef > 0:
-            ref_config = reference_config(learner, world_size)
-            with loading_for(ref_config):
-                reference = load_model(
-                    ModelOptions(**{**asdict(model), "gradient_checkpointing": False}),
-                    device=self._load_device(ref_config),
-                )
-            reference.requires_grad_(False)
-            self.reference, *_ = deepspeed.initialize(model=reference.eval(), config=ref_config)
         self.optim = OptimOptions(total_steps=1)  # the default rate until start_stage
         self.optim_step = 0
         self.skipped_in_a_row = 0
         self.sync_group: SyncGroup | None = None
         self.sync_buffers = FlatBuffers()  # rank 0's flat buckets, kept across pushes on CPU
-
-    def _load_device(self, ds_config: dict[str, Any]) -> str | None:
-        """Where a model's weights are loaded: straight onto this rank's GPU when it holds them
-        whole (ZeRO-0/1/2), else by transformers' ZeRO-3 path (`loading_for`)."""
-        partitioned = ds_config["zero_optimization"]["stage"] == 3
-        return str(self.device) if self.device.type == "cuda" and not partitioned else None
 
     # ----------------------------------------------------------------------------- schedule
 
@@ -168,22 +111,9 @@ class Learner:
             group["weight_decay"] = optim.weight_decay
             group["betas"] = optim.betas
         if reset_reference and self.reference is not None:
-            self._copy_policy_to_reference()
-
-    @torch.no_grad()
-    def _copy_policy_to_reference(self) -> None:
-        import deepspeed
-
-        zero3 = self.opts.zero_stage == 3
-        policy = dict(self.engine.module.named_parameters())
-        for name, ref_param in self.reference.module.named_parameters():
-            source = policy[name]
-            # Under ZeRO-3 both are partitioned: gather, let rank 0 copy, re-partition from it.
-            with deepspeed.zero.GatheredParameters(
-                [source, ref_param], modifier_rank=0, enabled=zero3
-            ):
-                if self.rank == 0 or not zero3:
-                    ref_param.data.copy_(source.data)
+            copy_parameters(
+                self.engine.module, self.reference.module, self.rank, self.opts.zero_stage == 3
+            )
 
     def _set_lr(self) -> float:
         o = self.optim

@@ -102,3 +102,20 @@ def weights_only_torch_loads() -> Iterator[None]:
 
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+@torch.no_grad()
+def copy_parameters(
+    source: torch.nn.Module, target: torch.nn.Module, rank: int, zero3: bool
+) -> None:
+    """Copy every parameter of `source` into the same-named one of `target` (the policy into
+    the KL reference). Under ZeRO-3 both are partitioned: each pair is gathered, rank 0 copies,
+    and DeepSpeed re-partitions the target from rank 0's copy; every rank calls."""
+    import deepspeed
+
+    sources = dict(source.named_parameters())
+    for name, param in target.named_parameters():
+        whole = sources[name]
+        with deepspeed.zero.GatheredParameters([whole, param], modifier_rank=0, enabled=zero3):
+            if rank == 0 or not zero3:
+                param.data.copy_(whole.data)
