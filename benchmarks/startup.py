@@ -17,8 +17,9 @@ Why CPU: on a 2-core machine start-up is CPU-bound (every actor imports torch, t
 transformers in parallel), so the CPU all processes spend, halved, is a floor under the wall
 time; and CPU seconds move far less than wall seconds when other work shares the cores (the
 load average at the start and end of each repeat is printed to judge that). Python writes no
-bytecode cache under PYTHONDONTWRITEBYTECODE, and then every process compiles what it imports
-from source: a repeat says which.
+bytecode cache under PYTHONDONTWRITEBYTECODE, and then every process compiles from source each
+module it imports that has no cache yet (`make install` caches what a run imports): a repeat
+says which.
 
 What it does not see: processes shorter than `--interval` (a compiler DeepSpeed runs to probe
 an op), and a cluster given by `cluster.address` (refused: its processes are not the run's).
@@ -217,7 +218,8 @@ def render(summaries: Sequence[Summary]) -> str:
         + (
             "Python wrote and read bytecode caches."
             if caches == {True}
-            else "PYTHONDONTWRITEBYTECODE was set: every process compiled what it imported."
+            else "PYTHONDONTWRITEBYTECODE was set: every process compiled the modules it imported that had "
+            "no bytecode cache."
         )
     )
     return "\n".join(lines)

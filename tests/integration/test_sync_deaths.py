@@ -1,8 +1,8 @@
 """A member of the weight-sync group dies: the push ends for every member at once.
 
-Real gloo groups in spawned processes (as Ray actors are). The group's deadline is left at the
-default (`sync.timeout_s`, 600 s): a survivor that waited it out would hang the test (and fail
-it at pytest's timeout), so finishing at all shows that the death was acted on, and the
+Real gloo groups in processes of their own (as Ray actors are). The group's deadline is left at
+the default (`sync.timeout_s`, 600 s): a survivor that waited it out would hang the test (and
+fail it at pytest's timeout), so finishing at all shows that the death was acted on, and the
 errors recorded say how it was seen (a closed connection, never a timeout).
 
 How each backend learns of a death: gloo through the dead member's closed connections (rank 0

@@ -1,9 +1,10 @@
 """The weight sync across real processes: gloo groups, timeouts, and a ZeRO-3 learner.
 
-Each multi-process test spawns its members with `multiprocessing` (spawn: a clean interpreter,
-as Ray actors are), collects one result per process through a queue, and kills whatever is
-still alive on the way out, so a failing test leaves no orphan behind. Ports come from
-`find_free_port()`. The timeout tests run their peers as threads of this process: the
+Each multi-process test starts its members with `multiprocessing`, collects one result per
+process through a queue, and kills whatever is still alive on the way out, so a failing test
+leaves no orphan behind. The members fork from a forkserver, a clean interpreter (as Ray actors
+are, not a copy of pytest's) that has imported torch once: each spawned interpreter importing
+torch itself took 5-15 s on 2 busy cores. Ports come from `find_free_port()`. The timeout tests run their peers as threads of this process: the
 behaviour under test is a member waiting on the network, which threads show just as well, and
 they skip the seconds a spawned interpreter takes to import torch.
 """
@@ -65,7 +66,10 @@ def run_in_processes(
     result (unless its index is in `may_die`: its result is then None), or when the results are
     not all in after timeout_s. Every child is dead on return.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Takes effect when this session's forkserver starts (its first use). Only torch: the
+    # DeepSpeed members set DS_ACCELERATOR before they import deepspeed.
+    ctx.set_forkserver_preload(["torch"])
     results = ctx.Queue()
     procs = [
         ctx.Process(target=_child, args=(i, fn, args, results), daemon=True)
