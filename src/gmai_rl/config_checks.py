@@ -62,8 +62,18 @@ def _accuracy_filter(cfg: TrainConfig) -> list[str]:
 
 
 def _staleness(cfg: TrainConfig) -> list[str]:
-    if cfg.algo.max_staleness < 0:
-        return [f"algo.max_staleness={cfg.algo.max_staleness} must be >= 0"]
+    s = cfg.algo.max_staleness
+    if s < 0:
+        return [f"algo.max_staleness={s} must be >= 0"]
+    if s > 0 and engine_spec(cfg.rollout.backend).sleeps(cfg):
+        # The batches ahead are generated while the learners train, and colocated engines
+        # sleep then: a generate would wake one onto the GPU a learner is training on.
+        return [
+            f"algo.max_staleness={s} with engines that sleep while the learners train "
+            "(cluster.colocate=true, rollout.vllm.enable_sleep_mode=true): the batches ahead "
+            "would be generated on the GPUs the learners train on; set algo.max_staleness=0 or "
+            "cluster.colocate=false"
+        ]
     return []
 
 

@@ -292,6 +292,30 @@ def test_a_colocated_vllm_engine_that_sleeps_is_a_valid_gpu_layout():
     )
 
 
+COLOCATED_SLEEPING_VLLM = (
+    "rollout=vllm",
+    "cluster.colocate=true",
+    "cluster.gpus_per_learner=1",
+    "cluster.gpus_per_rollout_worker=1",
+    "rollout.vllm.enable_sleep_mode=true",
+)
+
+
+def test_batches_ahead_are_refused_where_the_engines_sleep_while_the_learners_train():
+    with pytest.raises(ValueError, match="algo.max_staleness=1 with engines that sleep"):
+        validate(train_config(*COLOCATED_SLEEPING_VLLM, "algo.max_staleness=1"))
+    validate(train_config(*COLOCATED_SLEEPING_VLLM, "algo.max_staleness=0"))
+    # Engines on GPUs of their own keep theirs: generating ahead overlaps training, as designed.
+    validate(
+        train_config(
+            "rollout=vllm",
+            "cluster.gpus_per_learner=1",
+            "cluster.gpus_per_rollout_worker=1",
+            "algo.max_staleness=1",
+        )
+    )
+
+
 def test_bf16_without_zero_is_refused_before_deepspeed_would_fail():
     with pytest.raises(ValueError, match="bf16 training needs ZeRO >= 1"):
         validate(train_config("learner.zero_stage=0", "learner.bf16=true"))
