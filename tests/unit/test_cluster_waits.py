@@ -2,8 +2,11 @@
 faked: calls finish in list order, except those standing for a call still running, which
 never do; the fake records the order in which results were read."""
 
+from types import SimpleNamespace
+
 import pytest
 
+from gmai_rl.cluster import waits
 from gmai_rl.cluster.errors import ActorDiedError, StageTimeoutError
 from gmai_rl.cluster.waits import IN_PLACE, RAISE, Policy, died, gather
 from gmai_rl.rollout.base import EngineBrokenError
@@ -16,16 +19,23 @@ RUNNING = object()
 
 
 class FakeRay:
-    """`ray.wait` hands back the next finished ref in list order (none once only running calls
-    are left: the deadline passed); `ray.get` returns the ref's value or raises it."""
+    """`ray.wait` hands back the next finished ref in list order; once only running calls are
+    left it waits out its timeout on a fake clock (`early`: that much less, as Ray's wait,
+    which counts whole milliseconds, may) and returns none. `ray.get` returns the ref's value
+    or raises it."""
 
-    def __init__(self, monkeypatch, outcomes: dict[str, object]) -> None:
-        self.outcomes, self.read = outcomes, []
+    def __init__(self, monkeypatch, outcomes: dict[str, object], early: float = 0.0) -> None:
+        self.outcomes, self.read, self.early = outcomes, [], early
+        self.now, self.waits = 0.0, 0
         monkeypatch.setattr(ray, "wait", self.wait)
         monkeypatch.setattr(ray, "get", self.get)
+        monkeypatch.setattr(waits, "time", SimpleNamespace(monotonic=lambda: self.now))
 
     def wait(self, refs, num_returns, timeout):
+        self.waits += 1
         finished = [r for r in refs if self.outcomes[r] is not RUNNING]
+        if not finished:  # the clock moves on, even under a timeout shorter than `early`
+            self.now += timeout - self.early if timeout > self.early else timeout
         return finished[:1], [r for r in refs if r not in finished[:1]]
 
     def get(self, ref):
@@ -126,3 +136,12 @@ def test_stalls_in_place_give_each_late_call_a_timeout_in_its_place(monkeypatch)
     assert out[0] == "ok" and out[2] == "done"
     assert isinstance(out[1], StageTimeoutError)
     assert str(out[1]) == "score: no answer from rollout worker 0 within 5 s"
+
+
+def test_a_wait_that_returns_before_the_deadline_is_not_taken_for_the_timeout(monkeypatch):
+    # Ray's wait returns up to a millisecond early; the stage must still last its full timeout.
+    fake = FakeRay(monkeypatch, {"push": "ok", "receive 0": RUNNING, "receive 1": "ok"}, 0.001)
+    with pytest.raises(StageTimeoutError, match="within 10 s"):
+        gather("weight sync", CALLS, 10, RAISE)
+    assert fake.now >= 10
+    assert fake.waits > 3  # it waited again for what was left of the timeout

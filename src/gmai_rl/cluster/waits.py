@@ -80,6 +80,8 @@ def gather(
         ready, pending = ray.wait(
             pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
         )
+        if not ready and time.monotonic() < deadline:
+            continue  # ray.wait counts its timeout in whole milliseconds: it may return early
         if not ready:
             late = [index[ref] for ref in pending]
             if not policy.stalls_in_place:
