@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -103,9 +104,10 @@ class VLLMEngine:
             self.wake_up()
         params = VLLMSamplingParams(**sampling_kwargs(sampling, n, self.stop_ids, self.banned))
         requests = [build_request(self.processor, p, self.mm_kwargs) for p in prompts]
-        outputs = self.llm.generate(
-            requests, params, use_tqdm=False, tokenization_kwargs=dict(TOKENIZATION_KWARGS)
-        )
+        with self._core_alive("generate"):
+            outputs = self.llm.generate(
+                requests, params, use_tqdm=False, tokenization_kwargs=dict(TOKENIZATION_KWARGS)
+            )
         return to_groups(prompts, outputs, n, self.policy_version)
 
     # ------------------------------------------------------------------------------ weights
@@ -171,7 +173,10 @@ class VLLMEngine:
         """`method` on every worker, then the cache reset; a failure inside a reload breaks the
         engine for good (vLLM's reload has no rollback)."""
         try:
-            results = self.llm.collective_rpc(method, args=args)
+            with self._core_alive(method):
+                results = self.llm.collective_rpc(method, args=args)
+        except EngineBrokenError:
+            raise
         except Exception as err:
             # Across vLLM's process boundaries an exception arrives as a plain error with the
             # worker's message: ask the workers whether their model is still whole.
@@ -208,6 +213,20 @@ class VLLMEngine:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset the prefix cache (requests still running)")
         self.llm.llm_engine.reset_encoder_cache()
+
+    @contextmanager
+    def _core_alive(self, action: str) -> Iterator[None]:
+        """vLLM's engine core (a process of its own under multiprocessing, always on GPU) died
+        during `action`: vLLM raises `EngineDeadError` (v1/engine/exceptions.py) for this call
+        and every later one, so the engine is broken for good and must be replaced, as its
+        actor would be had it died."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except EngineDeadError as err:
+            self.broken = f"vLLM's engine core process died during {action}"
+            raise EngineBrokenError(f"{self.broken}; the engine must be replaced") from err
 
     def _check_usable(self) -> None:
         if self.broken is not None:

@@ -1,0 +1,59 @@
+"""vLLM's engine core process dies: the engine says it is broken for good.
+
+On a GPU vLLM always runs its engine core in a process of its own; here it is made to
+(`rollout.vllm.multiprocessing=true`) and SIGKILLed, as the OOM killer or a crashed kernel would
+end it. vLLM then raises `EngineDeadError` for that call and every later one; the engine turns it
+into `EngineBrokenError`, which the cluster's waits count as the worker's death
+(tests/unit/test_cluster_waits.py), so the worker is replaced as if its actor had died.
+"""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from gmai_rl.data import build_prompt, load_mcq_jsonl
+from gmai_rl.models.loading import ModelOptions
+from gmai_rl.rollout.base import EngineBrokenError
+from gmai_rl.rollout.options import VLLMOptions
+from gmai_rl.rollout.worker import RolloutWorker
+from gmai_rl.types import SamplingParams
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+SAMPLING = SamplingParams(1.0, 1.0, 4, seed=0)
+
+
+def engine_core_process() -> psutil.Process:
+    """The one child of this process that vLLM titled "EngineCore"."""
+    cores = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
+    ]
+    assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    return cores[0]
+
+
+def test_an_engine_whose_core_process_dies_is_broken_for_good(text_model_dir, text_mcq_dir):
+    prompts = [build_prompt(item) for item in load_mcq_jsonl(text_mcq_dir / "train.jsonl")[:2]]
+    options = VLLMOptions(
+        enforce_eager=True, max_model_len=1024, kv_cache_memory_mb=64, multiprocessing=True
+    )
+    worker = RolloutWorker(
+        "vllm",
+        ModelOptions(path=text_model_dir, dtype="float32"),
+        seed=0,
+        engine_kwargs={"vllm": options},
+    )
+    try:
+        assert [len(g.completions) for g in worker.generate(prompts, 2, SAMPLING)] == [2, 2]
+        core = engine_core_process()
+        core.kill()
+        core.wait(timeout=60)
+        with pytest.raises(EngineBrokenError, match="engine core process died during generate"):
+            worker.generate(prompts, 2, SAMPLING)
+        with pytest.raises(EngineBrokenError, match="must be replaced"):
+            worker.generate(prompts, 2, SAMPLING)  # and every call after
+    finally:
+        worker.shutdown()
