@@ -302,7 +302,7 @@ COLOCATED_SLEEPING_VLLM = (
 
 
 def test_batches_ahead_are_refused_where_the_engines_sleep_while_the_learners_train():
-    with pytest.raises(ValueError, match="algo.max_staleness=1 with engines that sleep"):
+    with pytest.raises(ValueError, match=r"algo\.max_staleness=1 with engines that sleep"):
         validate(train_config(*COLOCATED_SLEEPING_VLLM, "algo.max_staleness=1"))
     validate(train_config(*COLOCATED_SLEEPING_VLLM, "algo.max_staleness=0"))
     # Engines on GPUs of their own keep theirs: generating ahead overlaps training, as designed.

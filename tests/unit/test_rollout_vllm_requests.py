@@ -548,7 +548,7 @@ def engine_around(llm: FakeLLM) -> VLLMEngine:
     """A VLLMEngine holding `llm`, without loading a processor or starting vLLM."""
     engine = object.__new__(VLLMEngine)
     engine.llm, engine.policy_version, engine.asleep, engine.broken = llm, 0, False, None
-    engine.sleep_mode = False
+    engine.sleep_mode, engine.sleep_level, engine.weights_dropped = False, 1, False
     return engine
 
 
@@ -569,6 +569,46 @@ def test_every_update_resets_the_prefix_and_encoder_caches():
     worker._gmai_group = wire.receiver
     assert engine.receive_weights(plan)["loaded"] == 4
     assert llm.calls == ["gmai_load_weights", *RESET, "gmai_receive_weights", *RESET]
+
+
+class SleepingLLM(FakeLLM):
+    """Records vLLM's sleep-mode calls (its sleep mode exists on CUDA only)."""
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(f"sleep {level}")
+
+    def wake_up(self) -> None:
+        self.calls.append("wake_up")
+
+
+@pytest.mark.parametrize("sleep_mode", [False, True])
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_sleeping_engine_refuses_work_until_woken_and_after_level_2_until_loaded(
+    sleep_mode, level
+):
+    """The same account with vLLM's sleep mode (GPU) and without it (CPU: the engine keeps its
+    memory), so that a cluster that forgets to wake an engine, or generates on the weights a
+    level-2 sleep dropped, fails on CPU as it would misbehave on a GPU."""
+    model = small_model()
+    llm = SleepingLLM(FakeWorker())
+    engine = engine_around(llm)
+    engine.sleep_mode, engine.sleep_level = sleep_mode, level
+    engine.sleep()
+    engine.sleep()  # asleep already: nothing more
+    for call in (
+        lambda: engine.generate([Prompt("p", [])], 1, SamplingParams()),
+        lambda: engine.load_weights(model.named_parameters()),
+    ):
+        with pytest.raises(RuntimeError, match="on a sleeping engine: the cluster wakes it"):
+            call()
+    engine.wake_up()
+    if level == 2:
+        with pytest.raises(RuntimeError, match="after a level-2 sleep with no weights loaded"):
+            engine.generate([Prompt("p", [])], 1, SamplingParams())
+    engine.load_weights(model.named_parameters())
+    assert not engine.weights_dropped
+    sleep_calls = [c for c in llm.calls if c.startswith(("sleep", "wake"))]
+    assert sleep_calls == ([f"sleep {level}", "wake_up"] if sleep_mode else [])
 
 
 @pytest.mark.parametrize("remote", [False, True])

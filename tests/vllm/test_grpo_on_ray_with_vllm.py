@@ -32,7 +32,11 @@ ATOL = 2e-4  # fp32 engines vs the learner's weights in HF (see test_vllm_engine
 
 
 def text_config(model_dir: str, data_dir: Path, out_dir: Path):
-    return train_config(
+    return train_config(*text_overrides(model_dir, data_dir, out_dir))
+
+
+def text_overrides(model_dir: str, data_dir: Path, out_dir: Path) -> list[str]:
+    return [
         "rollout=vllm",
         f"model.path={model_dir}",
         "model.build_tiny_if_missing=false",
@@ -57,7 +61,7 @@ def text_config(model_dir: str, data_dir: Path, out_dir: Path):
         "sync.timeout_s=180",
         # A random model never answers in format: a length reward varies instead.
         f"reward.fn={LENGTH_REWARD}",
-    )
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,14 @@ class Cluster:
         self.cfg = cfg
         self.placement_group = placement_group
         # Engines that give their accelerator memory back while the learners train (colocated
-        # vLLM with sleep mode).
-        self.rollouts_sleep = engine_spec(cfg.rollout.backend).sleeps(cfg)
+        # vLLM with sleep mode), and whether a sleep drops their weights (level 2).
+        spec = engine_spec(cfg.rollout.backend)
+        self.rollouts_sleep = spec.sleeps(cfg)
+        self.sleep_drops_weights = spec.sleep_discards_weights(cfg)
+        self.rollouts_asleep = False
+        self.weights_dropped = False
+        """The engines woke from a sleep that dropped their weights and no push has filled them
+        since: they must not generate."""
         self.actors = Actors(cfg, placement_group, plan_bundles(cfg.cluster))
         self.sync = WeightSync(cfg, self.actors)
         self.recovery = Recovery(cfg, self.actors, self.sync)
@@ -64,6 +70,7 @@ class Cluster:
         cluster = cls(cfg, ready_placement_group(cfg, plan))
         try:
             cluster.actors.start(sleeps=cluster.rollouts_sleep)
+            cluster.rollouts_asleep = cluster.rollouts_sleep
             backend, world = cluster.sync.form()
         except BaseException:
             try:
@@ -129,6 +136,7 @@ class Cluster:
         """n completions per prompt, one Group per prompt in order; prompts are spread evenly
         over the live rollout workers. A dead worker's prompts go to the others, each generated
         once; with none left, the dead are replaced first (`Recovery.replace_rollouts`)."""
+        self._ready_to_generate()
         groups: list[Group | None] = [None] * len(prompts)
         todo = list(range(len(prompts)))
         while todo:
@@ -206,6 +214,7 @@ class Cluster:
     def train(self, samples: Sequence[TrainSample], num_minibatches: int) -> dict[str, float]:
         """PPO epochs over a rollout batch, each rank on its share; the ranks' combined metrics."""
         plans = plan_rank_batches(samples, len(self.learners), num_minibatches)
+        self.sleep_rollouts()
         calls = self._training_calls("train_rl", [(plan,) for plan in plans])
         return combine_rank_metrics(self._checked("train", gather("train", calls, self.timeout_s)))
 
@@ -213,6 +222,7 @@ class Cluster:
         """One SFT optimizer step on a batch split evenly over the ranks."""
         num_tokens = sum(len(s.completion_ids) for s in samples)
         shards = split_even(samples, len(self.learners))
+        self.sleep_rollouts()
         calls = self._training_calls("train_sft", [(shard, num_tokens) for shard in shards])
         return combine_sft_metrics(self._checked("sft", gather("sft", calls, self.timeout_s)))
 
@@ -248,30 +258,61 @@ class Cluster:
         Workers that died since the last push are replaced first (they are pinged: Ray knows
         at once), and any that dies during the push is replaced after it, then the push is
         repeated, whole: every worker ends with the learner's weights. With `verify`, every
-        tensor's checksum on every worker must equal what rank 0 sent.
+        tensor's checksum on every worker must equal what rank 0 sent. Sleeping engines are
+        woken first.
         """
+        self.wake_rollouts()
+        return self._push(verify)
+
+    def _push(self, verify: bool, same_weights: bool = False) -> int:
         with self.sync.lock:
             self.recovery.find_dead_rollouts("weight sync")
             self.recovery.replace_rollouts("weight sync", push=False)
             while True:
                 try:
-                    return self.sync.push(verify)
+                    version = self.sync.push(verify, same_weights)
+                    self.weights_dropped = False
+                    return version
                 except RolloutsDiedError as died_in_push:
                     note_deaths(self.recovery, died_in_push.dead)
                     self.recovery.replace_rollouts("weight sync", push=False)
 
+    # ------------------------------------------------------------- sleeping engines
+
     def sleep_rollouts(self) -> None:
-        """Colocated vLLM engines release their GPU memory for training (a no-op otherwise)."""
-        if self.rollouts_sleep:
+        """Colocated engines release their accelerator memory for training (a no-op for engines
+        that keep it, and for engines asleep already). Training calls this itself: no learner
+        trains beside an awake engine."""
+        if self.rollouts_sleep and not self.rollouts_asleep:
             self._on_live_rollouts("sleep", "sleep")
+            self.rollouts_asleep = True
 
     def wake_rollouts(self) -> None:
-        """... and take it back before the weight push and generation, once the learners have
-        returned their allocator's cached blocks (training's peak would otherwise stay
-        reserved beside the waking engine)."""
-        if self.rollouts_sleep:
+        """... and take it back, once the learners have returned their allocator's cached
+        blocks (training's peak would otherwise stay reserved beside the waking engine). Every
+        wake goes through here; the weight push and generation call it themselves. Engines
+        whose sleep dropped their weights then hold none to generate with until the next push,
+        which carries every weight (`WeightSync.plan`)."""
+        if self.rollouts_asleep:
             self._all(LEARNER, "wake up", "release_cached_memory")
             self._on_live_rollouts("wake up", "wake_up")
+            self.rollouts_asleep = False
+            self.weights_dropped = self.sleep_drops_weights
+
+    def _ready_to_generate(self) -> None:
+        """Engines awake, holding the learners' weights. After a sleep that dropped them (the
+        one at start, before any push) the learners' current weights are pushed again, as the
+        same policy version."""
+        self.wake_rollouts()
+        if not self.weights_dropped:
+            return
+        if not self.sync.current:
+            raise RuntimeError(
+                "the rollout engines dropped their weights in a sleep and the learners have "
+                f"trained past policy version {self.sync.version}: push before generating"
+            )
+        log.info("the engines' sleep dropped their weights: pushing them again")
+        self._push(self.cfg.sync.verify, same_weights=True)
 
     def _on_live_rollouts(self, stage: str, method: str) -> None:
         """`method` on every live rollout worker; a death is noted for the next push."""

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -88,6 +88,8 @@ class VLLMEngine:
         self.llm = LLM(**args.kwargs)
         self.policy_version = 0
         self.asleep = False
+        self.weights_dropped = False
+        """A sleep at level 2 dropped the weights and none were loaded since."""
         self.broken: str | None = None
         """Why the engine cannot be used any more (a failed weight update); None while fine."""
 
@@ -96,12 +98,16 @@ class VLLMEngine:
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[Group]:
         """n completions per prompt (token ids incl. the stop token, processed log-probs)."""
         self._check_usable()
+        self._check_awake("generate")
+        if self.weights_dropped:
+            raise RuntimeError(
+                "generate after a level-2 sleep with no weights loaded since: the engine's "
+                "weights were dropped; the cluster pushes the learners' weights first"
+            )
         if not prompts:
             return []
         from vllm import SamplingParams as VLLMSamplingParams
 
-        if self.asleep:
-            self.wake_up()
         params = VLLMSamplingParams(**sampling_kwargs(sampling, n, self.stop_ids, self.banned))
         requests = [build_request(self.processor, p, self.mm_kwargs) for p in prompts]
         with self._core_alive("generate"):
@@ -146,8 +152,7 @@ class VLLMEngine:
                 call raises it too.
         """
         self._check_usable()
-        if self.asleep:
-            self.wake_up()
+        self._check_awake("receive weights")
         results = self._update("gmai_receive_weights", (plan_to_wire(plan), verify))
         first = results[0]
         if verify and any(r["checksums"] != first["checksums"] for r in results[1:]):
@@ -164,8 +169,7 @@ class VLLMEngine:
         (see vllm_sync). For the sync group's stream use `receive_weights`. Failures as there.
         """
         self._check_usable()
-        if self.asleep:
-            self.wake_up()
+        self._check_awake("load weights")
         pairs = [(name, tensor.detach().cpu()) for name, tensor in weights]
         return int(self._update("gmai_load_weights", (pairs,))[0])
 
@@ -173,11 +177,10 @@ class VLLMEngine:
         """`method` on every worker, then the cache reset; a failure inside a reload breaks the
         engine for good (vLLM's reload has no rollback)."""
         try:
-            with self._core_alive(method):
-                results = self.llm.collective_rpc(method, args=args)
-        except EngineBrokenError:
-            raise
+            results = self.llm.collective_rpc(method, args=args)
         except Exception as err:
+            if _engine_dead(err):
+                self._core_died(method, err)
             # Across vLLM's process boundaries an exception arrives as a plain error with the
             # worker's message: ask the workers whether their model is still whole.
             reason = self._workers_broken(err)
@@ -190,6 +193,7 @@ class VLLMEngine:
         except Exception as err:
             self.broken = f"the caches computed with the old weights could not be reset: {err!r}"
             raise EngineBrokenError(f"{self.broken}; the engine must be replaced") from err
+        self.weights_dropped = False
         return list(results)
 
     def _workers_broken(self, err: BaseException) -> str | None:
@@ -220,13 +224,16 @@ class VLLMEngine:
         during `action`: vLLM raises `EngineDeadError` (v1/engine/exceptions.py) for this call
         and every later one, so the engine is broken for good and must be replaced, as its
         actor would be had it died."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         try:
             yield
-        except EngineDeadError as err:
-            self.broken = f"vLLM's engine core process died during {action}"
-            raise EngineBrokenError(f"{self.broken}; the engine must be replaced") from err
+        except Exception as err:
+            if _engine_dead(err):
+                self._core_died(action, err)
+            raise
+
+    def _core_died(self, action: str, err: Exception) -> NoReturn:
+        self.broken = f"vLLM's engine core process died during {action}"
+        raise EngineBrokenError(f"{self.broken}; the engine must be replaced") from err
 
     def _check_usable(self) -> None:
         if self.broken is not None:
@@ -244,15 +251,44 @@ class VLLMEngine:
     # ------------------------------------------------------------------------ sleep / wake
 
     def sleep(self) -> None:
-        """Release GPU memory while the learners train (sleep mode on CUDA; else a no-op)."""
-        if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=self.sleep_level)
-            self.asleep = True
+        """Release GPU memory while the learners train (vLLM's sleep mode, on CUDA). Level 2
+        drops the weights too: after it, the engine refuses to generate until weights are
+        loaded. Asleep, it refuses every call but `wake_up`: the cluster wakes it, after the
+        learners have released their cached memory.
+
+        vLLM has no sleep mode on CPU: there the engine keeps its memory and weights, but keeps
+        the same account (asleep, weights dropped at level 2) and refuses the same calls, so
+        that the CPU tiers hold the cluster to the order a GPU needs."""
+        if self.asleep:
+            return
+        if self.sleep_mode:
+            with self._core_alive("sleep"):
+                self.llm.sleep(level=self.sleep_level)
+        self.asleep = True
+        self.weights_dropped = self.weights_dropped or self.sleep_level >= 2
 
     def wake_up(self) -> None:
+        if not self.asleep:
+            return
+        if self.sleep_mode:
+            with self._core_alive("wake up"):
+                self.llm.wake_up()
+        self.asleep = False
+
+    def _check_awake(self, action: str) -> None:
         if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+            raise RuntimeError(
+                f"{action} on a sleeping engine: the cluster wakes it first (after the learners "
+                "release their cached memory)"
+            )
+
+
+def _engine_dead(err: BaseException) -> bool:
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # unit tests drive the engine with a fake `vllm.LLM`, without vLLM
+        return False
+    return isinstance(err, EngineDeadError)
 
 
 def _check_version() -> None:
