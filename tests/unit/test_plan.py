@@ -374,3 +374,27 @@ def test_a_run_stops_before_the_cluster_when_the_plan_cannot_fit(
     )
     with pytest.raises(ValueError, match=r"(?s)cannot fit.*> rollout.vllm.max_model_len 128"):
         loop.run(cfg)
+
+
+def test_items_with_more_images_than_the_engine_takes_are_named_before_the_run(
+    qwen7b, synthetic_dir
+):
+    import dataclasses
+
+    from gmai_rl.data import load_mcq_jsonl
+
+    items = load_mcq_jsonl(synthetic_dir / "train.jsonl")[:10]
+    two = [dataclasses.replace(item, images=item.images * 2) for item in items[3:10]]
+    items = [*items[:3], *two]
+    override, facts = qwen7b
+
+    def data_problems(*overrides):
+        plan = make_plan(train_config(*PRESET, override, *overrides), facts, NODE, items)
+        return [p for p in check(plan) if "more images than" in p]
+
+    (problem,) = data_problems()  # the preset's vLLM engine takes one image per prompt
+    assert problem.startswith("7 item(s) have more images than rollout.vllm.images_per_prompt=1")
+    assert f"{two[0].source} (2 images)" in problem and "and 2 more" in problem
+    assert items[0].source not in problem
+    assert data_problems("rollout.vllm.images_per_prompt=2") == []
+    assert make_plan(train_config(*PRESET, override), facts, NODE).data_problems == []

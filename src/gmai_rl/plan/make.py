@@ -14,7 +14,7 @@ from gmai_rl.config import TrainConfig
 from gmai_rl.plan.memory import Memory, learner_states, on_host, reference_states, total
 from gmai_rl.plan.model import ModelFacts, read_model
 from gmai_rl.plan.nodes import Hardware, hardware, nodes_needed
-from gmai_rl.plan.prompt import PromptBudget, prompt_budget
+from gmai_rl.plan.prompt import PromptBudget, over_image_limit, prompt_budget
 from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.sizing import EnginePlan, ModelShape, dtype_bytes
 from gmai_rl.rollout.spec import EngineInputs
@@ -38,6 +38,8 @@ class Plan:
     engine: EnginePlan
     prompt: PromptBudget
     notes: list[str] = field(default_factory=list)
+    data_problems: list[str] = field(default_factory=list)
+    """What the run's questions ask of the engine that it refuses (measured when given)."""
 
     @property
     def gpus_needed(self) -> float:
@@ -143,6 +145,7 @@ def make_plan(
         prompt,
     )
     plan.notes = _notes(plan)
+    plan.data_problems = over_image_limit(cfg, m, items or [])
     return plan
 
 

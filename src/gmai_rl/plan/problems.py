@@ -25,6 +25,7 @@ def check(plan: Plan) -> list[str]:
     problems += _gpu_problems(plan)
     problems += _placement_problems(plan)
     problems += _prompt_problems(plan)
+    problems += plan.data_problems
     hw = plan.hw
     if hw.host_memory and plan.host_needed > hw.host_memory:
         problems.append(

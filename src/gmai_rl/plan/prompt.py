@@ -50,6 +50,29 @@ def prompt_tokens(
     return images * (tokens_per_image + 2) + text_tokens(system_prompt) + TEMPLATE_TOKENS + question
 
 
+MAX_NAMED = 5
+"""Items named in a problem; the rest are counted."""
+
+
+def over_image_limit(cfg: TrainConfig, m: ModelFacts, items: Sequence[MCQItem]) -> list[str]:
+    """Items with more images than the rollout engine takes in one prompt (a vision-language
+    model only: a text model's prompts carry no image), each named by its source."""
+    spec = engine_spec(cfg.rollout.backend)
+    limit = spec.images_per_prompt(cfg)
+    if limit is None or not m.patch_size:
+        return []
+    over = [item for item in items if len(item.images) > limit]
+    if not over:
+        return []
+    named = ", ".join(f"{i.source or i.id} ({len(i.images)} images)" for i in over[:MAX_NAMED])
+    more = f" and {len(over) - MAX_NAMED} more" if len(over) > MAX_NAMED else ""
+    return [
+        f"{len(over)} item(s) have more images than {spec.images_key}={limit}, which the "
+        f"{spec.label} engine refuses in a prompt (the whole generate call fails): {named}{more}; "
+        f"raise {spec.images_key} or drop those items"
+    ]
+
+
 @dataclass(frozen=True)
 class PromptBudget:
     image_tokens: int | None

@@ -107,6 +107,10 @@ def _never_sleeps(run: RolloutRun) -> Sleep:
     return Sleep.never
 
 
+def _no_image_limit(run: RolloutRun) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """A rollout engine as the trainer sees it: how it is made, checked, sized, put to sleep and
@@ -136,6 +140,11 @@ class EngineSpec:
     (HF generate), or none set."""
     window_key: str | None = None
     """The key that sets the window (`rollout.vllm.max_model_len`), as the plan names it."""
+    images_per_prompt: Callable[[RolloutRun], int | None] = _no_image_limit
+    """The most images the engine takes in one prompt (vLLM refuses a whole generate call
+    with a prompt over its `limit_mm_per_prompt`); None: no limit."""
+    images_key: str | None = None
+    """The key that sets that limit (`rollout.vllm.images_per_prompt`)."""
     sleep_mode: Callable[[RolloutRun], Sleep] = _never_sleeps
     """Whether the engine frees its accelerator memory while the learners train, and whether
     its weights survive that."""

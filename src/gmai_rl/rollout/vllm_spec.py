@@ -94,6 +94,11 @@ def validate(run: RolloutRun) -> list[str]:
     return errors
 
 
+def images_per_prompt(run: RolloutRun) -> int:
+    """vLLM's `limit_mm_per_prompt` for images (vllm_requests.engine_args)."""
+    return options_of(run).images_per_prompt
+
+
 def window(run: RolloutRun) -> int | None:
     return options_of(run).max_model_len
 
@@ -211,6 +216,8 @@ VLLM = EngineSpec(
     options_type=VLLMOptions,
     window=window,
     window_key="rollout.vllm.max_model_len",
+    images_per_prompt=images_per_prompt,
+    images_key="rollout.vllm.images_per_prompt",
     sleep_mode=sleep_mode,
     sync_in_engine=True,
 )
