@@ -79,7 +79,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     prepare_artifacts(cfg)
     data = load_datasets(cfg)
     data_s = time.perf_counter() - started
-    preflight(cfg, [*data.train, *data.eval])
+    preflight(cfg, data)
     with ray_session(cfg):
         result = run_on_cluster(cfg, data, out, resume, data_s, started)
     if cfg.dashboards.report and (md := report(cfg, out, result, time.perf_counter() - started)):
@@ -163,10 +163,10 @@ def report(cfg: TrainConfig, out: Path, result: dict[str, Any], wall_s: float) -
     return md
 
 
-def preflight(cfg: TrainConfig, items: Sequence[MCQItem]) -> None:
-    """Log the pre-flight plan (memory per GPU, prompt budget measured on `items`, placement);
-    stop, before anything starts, when it cannot fit."""
-    plan = make_plan(cfg, items=items)
+def preflight(cfg: TrainConfig, data: Datasets) -> None:
+    """Log the pre-flight plan (memory per GPU, prompt budget measured on the questions,
+    placement); stop, before anything starts, when it cannot fit or the data cannot run."""
+    plan = make_plan(cfg, items=[*data.train, *data.eval], trained=[*data.train, *data.sft])
     log.info("%s", render(plan))
     problems = check(plan)
     if problems:

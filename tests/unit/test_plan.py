@@ -398,3 +398,28 @@ def test_items_with_more_images_than_the_engine_takes_are_named_before_the_run(
     assert items[0].source not in problem
     assert data_problems("rollout.vllm.images_per_prompt=2") == []
     assert make_plan(train_config(*PRESET, override), facts, NODE).data_problems == []
+
+
+def test_text_only_items_beside_images_are_refused_for_a_vision_model_under_zero3(
+    qwen7b, synthetic_dir
+):
+    import dataclasses
+
+    from gmai_rl.data import load_mcq_jsonl
+
+    items = load_mcq_jsonl(synthetic_dir / "train.jsonl")[:6]
+    text_only = [dataclasses.replace(item, images=()) for item in items[4:]]
+    mixed = [*items[:4], *text_only]
+    override, facts = qwen7b
+
+    def refused(trained, *overrides):
+        cfg = train_config(*PRESET, override, *overrides)
+        plan = make_plan(cfg, facts, NODE, trained, trained=trained)
+        return [p for p in check(plan) if "have no image" in p]
+
+    (problem,) = refused(mixed, "learner.zero_stage=3")
+    assert "2 trained item(s) have no image" in problem
+    assert all(item.source in problem for item in text_only) and "zero_stage=2" in problem
+    assert refused(mixed, "learner.zero_stage=2") == []
+    assert refused(items, "learner.zero_stage=3") == []  # every micro-batch has images
+    assert refused(text_only, "learner.zero_stage=3") == []  # none has: the tower never runs

@@ -14,7 +14,12 @@ from gmai_rl.config import TrainConfig
 from gmai_rl.plan.memory import Memory, learner_states, on_host, reference_states, total
 from gmai_rl.plan.model import ModelFacts, read_model
 from gmai_rl.plan.nodes import Hardware, hardware, nodes_needed
-from gmai_rl.plan.prompt import PromptBudget, over_image_limit, prompt_budget
+from gmai_rl.plan.prompt import (
+    PromptBudget,
+    mixed_images_under_zero3,
+    over_image_limit,
+    prompt_budget,
+)
 from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.sizing import EnginePlan, ModelShape, dtype_bytes
 from gmai_rl.rollout.spec import EngineInputs
@@ -109,9 +114,11 @@ def make_plan(
     model: ModelFacts | None = None,
     hw: Hardware | None = None,
     items: Sequence[MCQItem] | None = None,
+    trained: Sequence[MCQItem] = (),
 ) -> Plan:
     """The plan of `cfg`; the model's config is read and the hardware found unless given. With
-    `items` (the run's questions) the prompt budget is measured on them."""
+    `items` (the run's questions) the prompt budget is measured on them, and what they ask of
+    the engine checked; `trained` (the RL and SFT items) are checked against the learner."""
     m = model if model is not None else read_model(cfg.model)
     hw = hw if hw is not None else hardware(cfg)
     c, lo = cfg.cluster, cfg.learner
@@ -145,7 +152,10 @@ def make_plan(
         prompt,
     )
     plan.notes = _notes(plan)
-    plan.data_problems = over_image_limit(cfg, m, items or [])
+    plan.data_problems = [
+        *over_image_limit(cfg, m, items or []),
+        *mixed_images_under_zero3(cfg, m, trained),
+    ]
     return plan
 
 

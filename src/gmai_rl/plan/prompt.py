@@ -73,6 +73,28 @@ def over_image_limit(cfg: TrainConfig, m: ModelFacts, items: Sequence[MCQItem]) 
     ]
 
 
+def mixed_images_under_zero3(
+    cfg: TrainConfig, m: ModelFacts, trained: Sequence[MCQItem]
+) -> list[str]:
+    """Text-only items beside items with images, trained by a vision-language model under
+    ZeRO-3: the vision tower runs only on a micro-batch with images, and ZeRO-3 gathers its
+    partitioned parameters on every rank at once, so a rank whose micro-batch has no image
+    skips gathers the others wait in: the job hangs. Refused, naming the text-only items."""
+    if cfg.learner.zero_stage != 3 or not m.patch_size:
+        return []
+    text_only = [item for item in trained if not item.images]
+    if not text_only or len(text_only) == len(trained):
+        return []
+    named = ", ".join(i.source or i.id for i in text_only[:MAX_NAMED])
+    more = f" and {len(text_only) - MAX_NAMED} more" if len(text_only) > MAX_NAMED else ""
+    return [
+        f"learner.zero_stage=3 with a vision-language model: {len(text_only)} trained item(s) "
+        f"have no image while the others have (a rank whose micro-batch has no image skips "
+        "the vision tower's ZeRO-3 gathers that the other ranks wait in: the job would hang): "
+        f"{named}{more}; drop the text-only items or use learner.zero_stage=2"
+    ]
+
+
 @dataclass(frozen=True)
 class PromptBudget:
     image_tokens: int | None
