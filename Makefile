@@ -120,6 +120,7 @@ install-gpu:
 	test -x $(GPY) || $(PYTHON) -m venv $(VENV_GPU)
 	$(GPY) -m pip install --quiet pip==26.3
 	$(GPY) -m pip install -c constraints-gpu.txt -e '.[vllm,dev]'
+	@$(GPY) -c 'import sys; from gmai_rl.plan.nodes import driver_problems, nvidia_driver_version as v; sys.exit("\n".join(driver_problems(v())) or None)'
 
 # Re-resolve constraints-gpu.txt from constraints-gpu.in with pip (minutes; needs PyPI).
 lock-gpu:

@@ -4,6 +4,7 @@ an 8 x 80 GiB node, configs that cannot fit refused with their numbers, and `gma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -423,3 +424,40 @@ def test_text_only_items_beside_images_are_refused_for_a_vision_model_under_zero
     assert refused(mixed, "learner.zero_stage=2") == []
     assert refused(items, "learner.zero_stage=3") == []  # every micro-batch has images
     assert refused(text_only, "learner.zero_stage=3") == []  # none has: the tower never runs
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        (
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC "
+            "2023\nGCC version:  gcc version 11.4.0",
+            "535.104.05",
+        ),
+        (
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+            "(dvs-builder@U16-I3-B13-4-1)  Sun Jul 27 07:09:38 UTC 2025",
+            "580.65.06",
+        ),
+        ("", None),
+    ],
+)
+def test_the_nvidia_driver_version_is_read_from_its_kernel_module_line(text, version):
+    from gmai_rl.plan.nodes import nvidia_driver_version
+
+    assert nvidia_driver_version(text) == version
+
+
+def test_a_driver_older_than_cuda_13_needs_is_a_problem_naming_the_fix(qwen7b):
+    from gmai_rl.plan.nodes import driver_problems
+
+    (problem,) = driver_problems("535.104.05")
+    assert "needs driver >= 580" in problem and "upgrade the node's driver" in problem
+    assert driver_problems("580.65.06") == driver_problems(None) == []
+    override, facts = qwen7b
+    old = dataclasses.replace(NODE, driver="570.86.10")
+    plan = make_plan(train_config(*PRESET, override), facts, old)
+    assert any("NVIDIA driver 570.86.10" in p for p in check(plan))
+    assert not any(
+        "NVIDIA driver" in p for p in check(make_plan(train_config(*PRESET, override), facts, NODE))
+    )

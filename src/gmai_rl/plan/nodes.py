@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,6 +29,39 @@ class Hardware:
     """The driver's memory when every actor runs there; None: not checked (`host_note` says
     why)."""
     host_note: str = ""
+    driver: str | None = None
+    """The NVIDIA driver's version on this machine ("580.65.06"); None: no driver loaded."""
+
+
+CUDA13_DRIVER = 580
+"""The oldest NVIDIA driver branch that runs CUDA 13.0 (580.65.06 on Linux), which the GPU lock's
+wheels are built for (constraints-gpu.txt: torch 2.13.0 from PyPI, vLLM 0.32.0)."""
+
+DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver_version(text: str | None = None) -> str | None:
+    """The loaded NVIDIA kernel module's version, read from `text` (else DRIVER_VERSION_FILE,
+    which reading does not initialise CUDA); None without an NVIDIA driver."""
+    if text is None:
+        try:
+            with open(DRIVER_VERSION_FILE) as f:
+                text = f.read()
+        except OSError:
+            return None
+    found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return found.group(1) if found else None
+
+
+def driver_problems(version: str | None) -> list[str]:
+    """A driver too old for the GPU lock's CUDA 13 wheels, with the fix; [] without a driver."""
+    if version is None or int(version.split(".")[0]) >= CUDA13_DRIVER:
+        return []
+    return [
+        f"NVIDIA driver {version}: the GPU lock (constraints-gpu.txt) installs torch and vLLM "
+        f"built for CUDA 13, which needs driver >= {CUDA13_DRIVER} (580.65.06 or later): upgrade "
+        "the node's driver, or install CUDA 12 builds of torch and vLLM outside the lock"
+    ]
 
 
 def driver_gpus() -> tuple[int, float] | None:
@@ -64,7 +98,7 @@ def hardware(cfg: TrainConfig) -> Hardware:
         note = "the config asks for GPUs and this machine has none: it plans for another one"
         return Hardware(gpus, memory, source, True, None, note)
     host = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return Hardware(gpus, memory, source, True, host)
+    return Hardware(gpus, memory, source, True, host, driver=nvidia_driver_version())
 
 
 def nodes_needed(bundle_gpus: Iterable[float], gpus_per_node: int) -> int:

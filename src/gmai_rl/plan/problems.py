@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gmai_rl.cluster.placement import plan_bundles, resource_shortfall
 from gmai_rl.plan.make import Plan
+from gmai_rl.plan.nodes import driver_problems
 from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.sizing import bytes_text
 
@@ -26,6 +27,7 @@ def check(plan: Plan) -> list[str]:
     problems += _placement_problems(plan)
     problems += _prompt_problems(plan)
     problems += plan.data_problems
+    problems += driver_problems(plan.hw.driver)
     hw = plan.hw
     if hw.host_memory and plan.host_needed > hw.host_memory:
         problems.append(
