@@ -461,3 +461,21 @@ def test_a_driver_older_than_cuda_13_needs_is_a_problem_naming_the_fix(qwen7b):
     assert not any(
         "NVIDIA driver" in p for p in check(make_plan(train_config(*PRESET, override), facts, NODE))
     )
+
+
+def test_zero3_counts_a_whole_checkpoint_per_rank_in_host_memory_while_loading(qwen7b):
+    override, facts = qwen7b
+    one = facts.params.total * 2  # bf16, the preset's dtype
+    zero3 = make_plan(train_config(*PRESET, override, "learner.zero_stage=3"), facts, NODE)
+    ranks = zero3.cfg.cluster.learner_ranks
+    assert zero3.zero3_load_host == min(ranks, NODE.gpus_per_node) * one
+    assert "while the learners load (ZeRO-3" in render(zero3)
+    zero2 = make_plan(train_config(*PRESET, override, "learner.zero_stage=2"), facts, NODE)
+    assert zero2.zero3_load_host == 0 and "while the learners load" not in render(zero2)
+    # A machine whose memory holds the actors but not a checkpoint per rank besides.
+    small = dataclasses.replace(
+        NODE, single_node=True, host_memory=zero3.host_needed + zero3.zero3_load_host / 2
+    )
+    plan = make_plan(train_config(*PRESET, override, "learner.zero_stage=3"), facts, small)
+    (problem,) = [p for p in check(plan) if "while the learners load" in p]
+    assert "learner.zero_stage=2" in problem

@@ -22,8 +22,10 @@ def loading_for(ds_config: dict[str, Any]) -> Iterator[None]:
     """Within it, transformers loads models the way `ds_config` keeps them.
 
     Under ZeRO-3 a `HfDeepSpeedConfig` makes `from_pretrained` build the model inside
-    `deepspeed.zero.Init` and load the checkpoint into the partitions (rank 0 reads the weights),
-    so no rank holds a full copy in host memory (transformers integrations/deepspeed.py,
+    `deepspeed.zero.Init`, so no rank holds the full model on its device, and load the
+    checkpoint into the partitions. Every rank reads the whole checkpoint into host memory first
+    (a merged state dict per process), a full copy per rank while it loads: the plan counts it
+    (`Plan.zero3_load_host`) (transformers integrations/deepspeed.py,
     `_load_state_dict_into_zero3_model`). It is dropped afterwards: transformers reads it through a
     global weak reference, and a ZeRO-3 reference must not make a ZeRO-2 policy look like ZeRO-3.
     """

@@ -116,7 +116,8 @@ def load_model(options: ModelOptions, device: str | None = None) -> Any:
 
     `device` "cuda:N" loads the weights straight onto that GPU (no full copy in host memory
     first); None loads on the CPU, or partitioned when a DeepSpeed ZeRO-3 config is active
-    (transformers' `HfDeepSpeedConfig`: rank 0 reads the weights, every rank keeps its shard).
+    (transformers' `HfDeepSpeedConfig`: every rank reads the whole checkpoint into host memory,
+    then keeps its shard).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 

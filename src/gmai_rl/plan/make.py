@@ -89,6 +89,26 @@ class Plan:
         return c.learner_ranks * self.learner_total.host + c.rollout_workers * engine
 
     @property
+    def zero3_load_ranks(self) -> int:
+        """Learner ranks that load on one node: all of them on one machine, else one per GPU."""
+        ranks, per_node = self.cfg.cluster.learner_ranks, self.hw.gpus_per_node
+        if self.learner_on_gpu and per_node and not self.hw.single_node:
+            return min(ranks, per_node)
+        return ranks
+
+    @property
+    def zero3_load_host(self) -> float:
+        """Host memory one node's learner ranks take while loading the model under ZeRO-3 (0
+        otherwise): transformers reads the whole checkpoint into every rank's memory before each
+        rank keeps its partitions (`modeling_utils`, the `is_deepspeed_zero3_enabled()` branch of
+        the load: a merged state dict per process, in 5.19 and 5.24), so each rank holds a full
+        copy for a while. In the model's dtype (the checkpoint's own is not read)."""
+        if self.cfg.learner.zero_stage != 3:
+            return 0.0
+        one = self.model.params.total * dtype_bytes(self.cfg.model.dtype)
+        return self.zero3_load_ranks * float(one)
+
+    @property
     def kv_tokens(self) -> int | None:
         """Tokens vLLM's KV cache holds (None for HF, or with GPU memory unknown)."""
         return self.engine.kv_tokens

@@ -29,6 +29,15 @@ def check(plan: Plan) -> list[str]:
     problems += plan.data_problems
     problems += driver_problems(plan.hw.driver)
     hw = plan.hw
+    load = plan.zero3_load_host
+    if hw.host_memory and load and plan.host_needed + load > hw.host_memory:
+        problems.append(
+            f"host memory while the learners load: under ZeRO-3 each of {plan.zero3_load_ranks} "
+            f"rank(s) reads the whole checkpoint ({bytes_text(load / plan.zero3_load_ranks)}) "
+            f"before keeping its partitions; {bytes_text(load)} + the actors' "
+            f"{bytes_text(plan.host_needed)} > this machine's {bytes_text(hw.host_memory)}: "
+            "fewer learner ranks per node, or learner.zero_stage=2"
+        )
     if hw.host_memory and plan.host_needed > hw.host_memory:
         problems.append(
             f"host memory: the actors need {bytes_text(plan.host_needed)}, this machine has "

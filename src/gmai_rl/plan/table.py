@@ -144,4 +144,9 @@ def _memory_lines(plan: Plan) -> list[str]:
         )
     elif plan.host_needed:
         lines.append(f"host       {bytes_text(plan.host_needed)} for all actors")
+    if load := plan.zero3_load_host:
+        lines.append(
+            f"host       + {bytes_text(load)} per node while the learners load (ZeRO-3: each of "
+            f"{plan.zero3_load_ranks} rank(s) reads the whole checkpoint first)"
+        )
     return lines
