@@ -32,8 +32,12 @@ def trainer(small_config, tmp_path_factory):
         "algo.accuracy_filter=false",
         "model.freeze_vision=true",
     )
-    with running_cluster(cfg) as cluster:
-        yield cfg, cluster
+    # The learner ranks check that they issue the same collectives (tests/integration/
+    # test_zero3_on_ray.py): a mismatch fails at once instead of hanging.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+        with running_cluster(cfg) as cluster:
+            yield cfg, cluster
 
 
 def test_rollout_workers_start_with_the_learners_weights(trainer):
@@ -77,6 +81,19 @@ def test_frozen_parameters_leave_the_push_plan_after_the_first_push(trainer):
     # After the first push (the first RL step's), only trainable parameters travel; the
     # workers' frozen ones still equal the learner's (checked over the full plan above).
     assert cluster.sync.frozen_pushed and cluster.sync.plan() == cluster.sync.trainable_plan
+
+
+def test_the_learner_ranks_check_their_collectives(trainer):
+    _, cluster = trainer
+    levels = ray.get(
+        [
+            r.__ray_call__.remote(
+                lambda self: str(__import__("torch").distributed.get_debug_level())
+            )
+            for r in cluster.learners
+        ]
+    )
+    assert levels == ["DebugLevel.DETAIL"] * len(cluster.learners)
 
 
 def test_ranks_hold_identical_parameters_after_training(trainer):

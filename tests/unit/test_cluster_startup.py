@@ -72,6 +72,8 @@ def test_actors_get_what_they_need_in_their_own_env():
     }
     gpu = actor_env(train_config("cluster=gpu_node"), {})
     assert gpu == {"TOKENIZERS_PARALLELISM": "false"}  # no DeepSpeed on CPU, no offline flag
+    debug = actor_env(train_config("cluster=gpu_node"), {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
+    assert debug["TORCH_DISTRIBUTED_DEBUG"] == "DETAIL"  # the ranks check their collectives
 
 
 RESOURCES = Path("/tmp/ray/session_2026-12-01_10-00-00_1_1/runtime_resources")

@@ -479,3 +479,14 @@ def test_zero3_counts_a_whole_checkpoint_per_rank_in_host_memory_while_loading(q
     plan = make_plan(train_config(*PRESET, override, "learner.zero_stage=3"), facts, small)
     (problem,) = [p for p in check(plan) if "while the learners load" in p]
     assert "learner.zero_stage=2" in problem
+
+
+def test_a_kv_cache_below_a_steps_longest_sequences_warns_of_preemption(qwen7b):
+    # The preset: 128 prompts over 4 engines, 8 samples each: 256 sequences per engine (under
+    # vLLM's default of 1024 on an 80 GiB GPU), up to 6008 tokens each, against 909,164 tokens.
+    (note,) = [n for n in plan_of(qwen7b).notes if "preempts" in n]
+    assert "a step's 256 sequences on one engine may need 1,538,048" in note
+    assert "909,164 tokens per engine" in note
+    assert not [
+        n for n in plan_of(qwen7b, "rollout.vllm.max_num_seqs=128").notes if "preempts" in n
+    ]

@@ -19,14 +19,21 @@ JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a submitted job's driver: the job's runtime env, as JSON."""
 
 
+FORWARDED = ("HF_HUB_OFFLINE", "TORCH_DISTRIBUTED_DEBUG")
+"""The driver's environment variables that its actors get too."""
+
+
 def actor_env(cfg: TrainConfig, environ: Mapping[str, str]) -> dict[str, str]:
     """Environment variables every actor gets in its own runtime env (merged over the job's).
 
-    The driver's HF_HUB_OFFLINE travels when set, so an offline driver has offline actors.
+    The driver's settings of `FORWARDED` travel when set: an offline driver has offline actors,
+    and `TORCH_DISTRIBUTED_DEBUG=DETAIL` makes every learner rank check, before each collective,
+    that all ranks issue the same one (a mismatch, which would hang the job, fails at once naming
+    each rank's collective). It must be in the environment before torch is imported, as an
+    actor's runtime env is.
     """
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if "HF_HUB_OFFLINE" in environ:
-        env["HF_HUB_OFFLINE"] = environ["HF_HUB_OFFLINE"]
+    env.update({name: environ[name] for name in FORWARDED if name in environ})
     if cfg.cluster.gpus_per_learner == 0:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise look for a GPU and fail
     return env

@@ -139,7 +139,39 @@ def plan(inputs: EngineInputs) -> EnginePlan:
         sized,
         lines=_lines(inputs, sized),
         problems=_problems(inputs, sized),
-        notes=_notes(inputs),
+        notes=(*_notes(inputs), *_preemption_note(inputs, sized)),
+    )
+
+
+def default_max_num_seqs(gpu_memory: float) -> int:
+    """vLLM 0.32's `max_num_seqs` for `vllm.LLM` when none is set (EngineArgs
+    `_set_default_max_num_seqs_and_batched_tokens_args`): 1024 on GPUs of 70 GiB or more (but
+    A100s, which get 256), else 256."""
+    return 1024 if gpu_memory >= 70 * GIB else 256
+
+
+def _preemption_note(inputs: EngineInputs, e: EnginePlan) -> tuple[str, ...]:
+    """A KV cache smaller than what one step's sequences on an engine may need at their longest:
+    vLLM then preempts some (they wait and are recomputed), slower but not wrong."""
+    run, g = inputs.run, inputs.gpu_memory
+    if not inputs.on_gpu or g is None or e.kv_tokens is None:
+        return ()
+    v = options_of(run)
+    prompts = min(
+        -(-run.algo.prompts_per_step // run.cluster.rollout_workers), run.rollout.max_batch_prompts
+    )
+    running = min(
+        prompts * run.rollout.samples_per_prompt, v.max_num_seqs or default_max_num_seqs(g)
+    )
+    demand = running * inputs.longest
+    if e.kv_tokens >= demand:
+        return ()
+    return (
+        f"vLLM's KV cache holds {e.kv_tokens:,} tokens per engine; a step's {running} sequences "
+        f"on one engine may need {demand:,} at {inputs.longest} tokens each: when they run long "
+        "vLLM preempts some (recomputed later: slower, not wrong). Raise "
+        "rollout.vllm.gpu_memory_utilization or tensor_parallel_size, or set "
+        "rollout.vllm.max_num_seqs",
     )
 
 
