@@ -13,7 +13,9 @@ from gmai_rl.rollout.sizing import bytes_text
 
 NOT_ESTIMATED = (
     "not estimated: activations (forward/backward, logits), DeepSpeed communication buckets, "
-    "the CUDA context; what is left on each GPU is for them"
+    "the weight-sync buffers (learner rank 0: sync.bucket_mb x sync.max_buckets_in_flight; each "
+    "engine's receive buffers, outside gpu_memory_utilization), the CUDA context; what is left "
+    "on each GPU is for them"
 )
 
 
