@@ -51,12 +51,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import psutil
+from processes import ACTORS, WORKER_SCRIPTS, process_title, stop, tree
 
 MIB = 2**20
-ACTORS = ("Learner", "RolloutWorker", "RewardWorker")
-"""The actor classes gmai_rl.cluster starts; other `ray::` titles are idle or task workers."""
-WORKER_SCRIPTS = ("default_worker.py", "setup_worker.py")
-"""A Ray worker's command line before it takes its `ray::` title."""
 KINDS = ("driver", "actor", "ray worker", "under a worker", "ray system")
 """Table order."""
 REPORT_LINES = ("held-out accuracy:", "answer format:")
@@ -95,24 +92,10 @@ class Row:
 
 
 def process_name(argv: Sequence[str]) -> str:
-    """A process's short name from its command line: a Ray worker's title without the method
-    (`ray::Learner.train` -> `ray::Learner`), a Python script's file name (`dashboard.py`), a
-    module (`-m gmai_rl.train`), else the executable's name (`raylet`, `gcs_server`)."""
-    if not argv:
-        return "?"
-    first = argv[0].strip()
-    if first.startswith("ray::"):
-        # setproctitle may leave the title's padding in the same argument.
-        return first.split()[0].split(".")[0]
-    exe = os.path.basename(first)
-    if exe.startswith("python"):
-        args = list(argv[1:])
-        if "-m" in args and args.index("-m") + 1 < len(args):
-            return "-m " + args[args.index("-m") + 1]
-        scripts = [a for a in args if a.endswith(".py")]
-        if scripts:
-            return os.path.basename(scripts[0])
-    return exe
+    """A process's short name: its `process_title` with a Ray worker's method left out
+    (`ray::Learner.train` -> `ray::Learner`)."""
+    title = process_title(argv)
+    return title.split(".")[0] if title.startswith("ray::") else title
 
 
 def kind_of(name: str, is_driver: bool) -> str:
@@ -305,12 +288,8 @@ def render(rows: Sequence[Row], windows: Sequence[tuple[float, float, int]], war
 
 def sample_tree(root: psutil.Process, t: float) -> list[Sample]:
     """RSS and anonymous RSS of `root` and every process below it at time t."""
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
     samples = []
-    for p in processes:
+    for p in tree(root):
         try:
             with p.oneshot():
                 name, ppid, mem = process_name(p.cmdline()), p.ppid(), p.memory_info()
@@ -340,18 +319,6 @@ def echo(stream: TextIO, kept: list[str]) -> None:
         sys.stderr.write(line)
         if line.startswith(REPORT_LINES):
             kept.append(line.rstrip())
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """Interrupt the run's process group, as Ctrl-C would, and kill what is left after 60 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def measure(

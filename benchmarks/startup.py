@@ -28,10 +28,8 @@ an op), and a cluster given by `cluster.address` (refused: its processes are not
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,11 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from processes import ACTORS, WORKER_SCRIPTS, process_title, stop, tree
 
-ACTORS = ("Learner", "RolloutWorker", "RewardWorker")
-"""The actor classes the cluster starts."""
-WORKER_SCRIPTS = ("default_worker.py", "setup_worker.py")
-"""A Ray worker's command line before it takes its `ray::` title."""
 DEMO_CUT = (
     "trainer.steps=1",
     "sft.steps=1",
@@ -68,7 +63,7 @@ class Process:
     """Seconds from the run's start to its first sample."""
     ppid: int = 0
     titles: list[str] = field(default_factory=list)
-    """Its names over time, without repeats (`process_name`)."""
+    """Its names over time, without repeats (`process_title`)."""
     cpu: float = 0.0
     """CPU seconds at its last sample."""
     init: tuple[float, float] | None = None
@@ -77,25 +72,6 @@ class Process:
 
 
 # --------------------------------------------------------------------------- the pure part
-
-
-def process_name(argv: Sequence[str]) -> str:
-    """A process's name from its command line: a Ray title as it is (`ray::Learner.__init__`,
-    `ray::IDLE`), a Python script's file name (`dashboard.py`), else the executable's name."""
-    if not argv:
-        return "?"
-    first = argv[0].strip()
-    if first.startswith("ray::"):
-        return first.split()[0]  # setproctitle may pad the title with spaces
-    exe = os.path.basename(first)
-    if exe.startswith("python"):
-        args = list(argv[1:])
-        if "-m" in args and args.index("-m") + 1 < len(args):
-            return "-m " + args[args.index("-m") + 1]
-        scripts = [a for a in args if a.endswith(".py")]
-        if scripts:
-            return os.path.basename(scripts[0])
-    return exe
 
 
 def group_of(process: Process, driver_pid: int) -> str:
@@ -235,14 +211,10 @@ def sample(
     titles: dict[int, list[tuple[float, str]]],
 ) -> None:
     """Read the title and CPU of `root` and every process below it at time t."""
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in processes:
+    for p in tree(root):
         try:
             with p.oneshot():
-                name, times, ppid = process_name(p.cmdline()), p.cpu_times(), p.ppid()
+                name, times, ppid = process_title(p.cmdline()), p.cpu_times(), p.ppid()
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue  # it ended between the listing and the read
         record = seen.setdefault(p.pid, Process(p.pid, t, ppid))
@@ -264,20 +236,6 @@ def setup_record(path: Path) -> dict[str, float] | None:
     if record.get("stage") != "setup":
         raise RuntimeError(f"{path}: the first record is not the setup record: {record}")
     return record
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Interrupt the run's process group, as Ctrl-C would; kill what is left after 60 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-    with contextlib.suppress(ProcessLookupError):  # anything of the run still alive in its group
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def measure(overrides: Sequence[str], out: Path, interval: float, log: Path) -> Summary:

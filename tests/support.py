@@ -16,6 +16,25 @@ from pathlib import Path
 from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+
+
+def load_script(path: str, name: str) -> Any:
+    """The script at `path` (relative to the checkout: `benchmarks/memory.py`) as module `name`,
+    registered in sys.modules (dataclasses look their module up there), with its folder on
+    sys.path so that it imports its siblings as it does when run."""
+    import importlib.util
+    import sys
+
+    script = ROOT / path
+    if str(script.parent) not in sys.path:
+        sys.path.append(str(script.parent))
+    spec = importlib.util.spec_from_file_location(name, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 TEST_SIZE = (

@@ -2,21 +2,17 @@
 fp32-master optimizer, a tiny run's record and table, and a run where Ray, DeepSpeed and vLLM
 cannot be imported (a GPU machine with only torch and transformers)."""
 
-import importlib.util
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from support import ROOT, load_script
+
 SCRIPT = ROOT / "benchmarks" / "gpu_learner.py"
-_spec = importlib.util.spec_from_file_location("gpu_learner_bench", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_learner_bench"] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/gpu_learner.py", "gpu_learner_bench")
 
 
 def test_text_flops_by_hand():

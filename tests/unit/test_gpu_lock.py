@@ -4,18 +4,13 @@ The resolver run itself needs PyPI and takes minutes (make check-gpu-lock, in CI
 the parsing and comparison it relies on, and that the lock files agree with each other.
 """
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("gpu_lock", ROOT / "tools" / "gpu_lock.py")
-gpu_lock = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_lock"] = gpu_lock  # dataclasses look their module up there
-_spec.loader.exec_module(gpu_lock)
+from support import ROOT, load_script
+
+gpu_lock = load_script("tools/gpu_lock.py", "gpu_lock")
 
 VLLM_DIFFERS = {"torch", "torchvision", "transformers"}
 """Pinned in both locks at other versions because vLLM 0.32.0 requires it (constraints-gpu.in)."""

@@ -1,18 +1,13 @@
 """The memory benchmark's arithmetic (benchmarks/memory.py): which RL step a sample belongs to,
 per-step peaks, the growth fit a leak is read from, and how processes are named. No Ray."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
-memory = importlib.util.module_from_spec(_spec)
-sys.modules["memory_bench"] = memory  # dataclasses look their module up there
-_spec.loader.exec_module(memory)
+from support import load_script
+
+memory = load_script("benchmarks/memory.py", "memory_bench")
 
 Sample = memory.Sample
 

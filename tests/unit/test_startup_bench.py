@@ -1,31 +1,25 @@
 """The start-up benchmark's bookkeeping (benchmarks/startup.py): how processes are named and
 grouped, when an actor's constructor ended, the table. No Ray, no run."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("startup_bench", ROOT / "benchmarks" / "startup.py")
-startup = importlib.util.module_from_spec(_spec)
-sys.modules["startup_bench"] = startup  # dataclasses look their module up there
-_spec.loader.exec_module(startup)
+from support import load_script
+
+startup = load_script("benchmarks/startup.py", "startup_bench")
 
 Process = startup.Process
 
 
 def test_processes_are_named_by_their_ray_title_script_or_executable():
-    assert startup.process_name(["ray::Learner.__init__        "]) == "ray::Learner.__init__"
-    assert startup.process_name(["ray::IDLE"]) == "ray::IDLE"
+    assert startup.process_title(["ray::Learner.__init__        "]) == "ray::Learner.__init__"
+    assert startup.process_title(["ray::IDLE"]) == "ray::IDLE"
     venv = "/x/.venv/bin/python"
-    assert startup.process_name([venv, "-u", "/x/ray/dashboard/dashboard.py", "--host=1"]) == (
+    assert startup.process_title([venv, "-u", "/x/ray/dashboard/dashboard.py", "--host=1"]) == (
         "dashboard.py"
     )
-    assert startup.process_name([venv, "-m", "gmai_rl.train", "a=1"]) == "-m gmai_rl.train"
-    assert startup.process_name(["/x/ray/core/src/ray/raylet/raylet", "--flag"]) == "raylet"
-    assert startup.process_name([]) == "?"
+    assert startup.process_title([venv, "-m", "gmai_rl.train", "a=1"]) == "-m gmai_rl.train"
+    assert startup.process_title(["/x/ray/core/src/ray/raylet/raylet", "--flag"]) == "raylet"
+    assert startup.process_title([]) == "?"
 
 
 def test_a_worker_counts_as_the_actor_it_became_else_as_a_worker_without_one():
