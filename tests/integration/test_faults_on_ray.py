@@ -169,16 +169,20 @@ def test_a_rollout_worker_killed_while_the_learners_train(trainer):
     report("while the learners train", seconds)
 
 
-def test_a_rollout_worker_killed_during_the_weight_push(trainer):
-    cfg, cluster, sampler = trainer
-    seconds = step_with_a_kill(
+def step_with_a_kill_in_the_push(cfg, cluster, sampler):
+    """`step_with_a_kill` of rollout worker 0 once it is receiving the step's weight push."""
+    return step_with_a_kill(
         cfg,
         cluster,
         sampler,
         lambda a: titled("RolloutWorker.receive_weights", a["rollouts"][0]),
         victim=0,
     )
-    report("during the weight push", seconds)
+
+
+def test_a_rollout_worker_killed_during_the_weight_push(trainer):
+    cfg, cluster, sampler = trainer
+    report("during the weight push", step_with_a_kill_in_the_push(cfg, cluster, sampler))
 
 
 def test_a_rollout_worker_killed_during_an_evaluation(trainer):

@@ -15,11 +15,11 @@ import json
 import os
 
 import pytest
-from test_faults_on_ray import report, step_with_a_kill
+from test_faults_on_ray import report, step_with_a_kill_in_the_push
 
 from gmai_rl.feed import ItemSampler, load_datasets
 from gmai_rl.loop import run
-from support import LENGTH_REWARD, TESTS_DIR, one_step, running_cluster, titled
+from support import LENGTH_REWARD, TESTS_DIR, one_step, running_cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(1800)]
 ray = pytest.importorskip("ray")
@@ -63,14 +63,7 @@ def zero3_trainer(zero3_config, tmp_path_factory):
 
 def test_a_push_a_rollout_worker_dies_in_leaves_the_zero3_ranks_in_step(zero3_trainer):
     cfg, cluster, sampler = zero3_trainer
-    seconds = step_with_a_kill(
-        cfg,
-        cluster,
-        sampler,
-        lambda a: titled("RolloutWorker.receive_weights", a["rollouts"][0]),
-        victim=0,
-    )
-    report("during a ZeRO-3 weight push", seconds)
+    report("during a ZeRO-3 weight push", step_with_a_kill_in_the_push(cfg, cluster, sampler))
     one_step(cluster, sampler, cfg)  # the ranks train and push together again
     first, second = ray.get([r.named_parameters.remote() for r in cluster.learners])
     assert [n for n, _ in first] == [n for n, _ in second]

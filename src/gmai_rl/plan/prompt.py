@@ -9,7 +9,7 @@ a text's from its length.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gmai_rl.config import TrainConfig
@@ -54,6 +54,12 @@ MAX_NAMED = 5
 """Items named in a problem; the rest are counted."""
 
 
+def name_some(items: Sequence[MCQItem], describe: Callable[[MCQItem], str]) -> str:
+    """The first MAX_NAMED items described, and how many more there are."""
+    named = ", ".join(describe(item) for item in items[:MAX_NAMED])
+    return named + (f" and {len(items) - MAX_NAMED} more" if len(items) > MAX_NAMED else "")
+
+
 def over_image_limit(cfg: TrainConfig, m: ModelFacts, items: Sequence[MCQItem]) -> list[str]:
     """Items with more images than the rollout engine takes in one prompt (a vision-language
     model only: a text model's prompts carry no image), each named by its source."""
@@ -64,11 +70,10 @@ def over_image_limit(cfg: TrainConfig, m: ModelFacts, items: Sequence[MCQItem]) 
     over = [item for item in items if len(item.images) > limit]
     if not over:
         return []
-    named = ", ".join(f"{i.source or i.id} ({len(i.images)} images)" for i in over[:MAX_NAMED])
-    more = f" and {len(over) - MAX_NAMED} more" if len(over) > MAX_NAMED else ""
+    named = name_some(over, lambda i: f"{i.source or i.id} ({len(i.images)} images)")
     return [
         f"{len(over)} item(s) have more images than {spec.images_key}={limit}, which the "
-        f"{spec.label} engine refuses in a prompt (the whole generate call fails): {named}{more}; "
+        f"{spec.label} engine refuses in a prompt (the whole generate call fails): {named}; "
         f"raise {spec.images_key} or drop those items"
     ]
 
@@ -85,13 +90,12 @@ def mixed_images_under_zero3(
     text_only = [item for item in trained if not item.images]
     if not text_only or len(text_only) == len(trained):
         return []
-    named = ", ".join(i.source or i.id for i in text_only[:MAX_NAMED])
-    more = f" and {len(text_only) - MAX_NAMED} more" if len(text_only) > MAX_NAMED else ""
+    named = name_some(text_only, lambda i: i.source or i.id)
     return [
         f"learner.zero_stage=3 with a vision-language model: {len(text_only)} trained item(s) "
         f"have no image while the others have (a rank whose micro-batch has no image skips "
         "the vision tower's ZeRO-3 gathers that the other ranks wait in: the job would hang): "
-        f"{named}{more}; drop the text-only items or use learner.zero_stage=2"
+        f"{named}; drop the text-only items or use learner.zero_stage=2"
     ]
 
 
