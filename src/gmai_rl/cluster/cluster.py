@@ -47,10 +47,9 @@ class Cluster:
         self.cfg = cfg
         self.placement_group = placement_group
         # Engines that give their accelerator memory back while the learners train (colocated
-        # vLLM with sleep mode), and whether a sleep drops their weights (level 2).
-        spec = engine_spec(cfg.rollout.backend)
-        self.rollouts_sleep = spec.sleeps(cfg)
-        self.sleep_drops_weights = spec.sleep_discards_weights(cfg)
+        # vLLM with sleep mode); whether a sleep drops their weights is the weight sync's
+        # `resend_frozen` (level 2: every push after it carries every weight).
+        self.rollouts_sleep = engine_spec(cfg.rollout.backend).sleeps(cfg)
         self.rollouts_asleep = False
         self.weights_dropped = False
         """The engines woke from a sleep that dropped their weights and no push has filled them
@@ -297,7 +296,7 @@ class Cluster:
             self._all(LEARNER, "wake up", "release_cached_memory")
             self._on_live_rollouts("wake up", "wake_up")
             self.rollouts_asleep = False
-            self.weights_dropped = self.sleep_drops_weights
+            self.weights_dropped = self.sync.resend_frozen
 
     def _ready_to_generate(self) -> None:
         """Engines awake, holding the learners' weights. After a sleep that dropped them (the
