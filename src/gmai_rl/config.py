@@ -314,10 +314,11 @@ class ClusterConfig:
     gpus_per_node: int | None = 8
     """GPUs on each node, for the pre-flight plan's placement check (`gmai-rl plan`); null: the
     driver's own (torch.cuda), which is right for a local ray.init() on a GPU node."""
-    gpu_memory_gib: float | None = 80.0
-    """Memory of each GPU in GiB, for the plan's memory checks (80: A100/H100 80GB); null: the
-    driver's first GPU (torch.cuda). Unknown (null on a driver without a GPU): the GPU memory
-    checks are skipped and the plan says so."""
+    gpu_memory_gib: float | None = 79.18
+    """Memory of each GPU in GiB, for the plan's memory checks, as torch and vLLM see it (vLLM
+    sizes its share from the device's total): 79.18 is what an "80 GB" H100 reports (A100 80GB:
+    ~79.2-79.3), not a nominal 80. null: the driver's first GPU (torch.cuda). Unknown (null on
+    a driver without a GPU): the GPU memory checks are skipped and the plan says so."""
     check_resources: bool = True
     """Before creating anything, stop when the cluster as it is cannot hold the placement group
     and the reward workers, naming what is missing. false on an autoscaling cluster that adds

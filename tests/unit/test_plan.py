@@ -17,10 +17,13 @@ from gmai_rl.plan.prompt import image_tokens, prompt_tokens
 from gmai_rl.rollout.sizing import GIB, bytes_text, kv_bytes_per_token
 from support import train_config
 
+H100 = 79.18 * GIB
+"""An "80 GB" H100's memory as torch.cuda and vLLM report it (cluster.gpu_memory_gib's default)."""
+
 NODE = Hardware(
     gpus_per_node=8,
-    gpu_memory=80 * GIB,
-    source="an 8 x 80 GiB node",
+    gpu_memory=H100,
+    source="an 8 x 80 GB node",
     single_node=True,
     host_memory=1024 * GIB,
 )
@@ -211,7 +214,7 @@ def test_a_qwen2_5_vl_7b_config_counts_its_published_sizes(qwen7b):
     assert facts.max_pixels == 1003520 and facts.max_positions == 128000
 
 
-def test_our_7b_preset_fits_an_8_x_80_gib_node(qwen7b):
+def test_our_7b_preset_fits_an_8_x_80_gb_node(qwen7b):
     plan = plan_of(qwen7b)
     assert check(plan) == []
     p = plan.model.params
@@ -222,18 +225,31 @@ def test_our_7b_preset_fits_an_8_x_80_gib_node(qwen7b):
     assert plan.engine.weights == 2 * p.total  # bf16, TP 1
     assert plan.kv_sequences >= 1 and plan.prompt.image_tokens == 1280
     assert plan.prompt.longest <= plan.prompt.window == 8192
-    assert "fits: yes" in render(plan) and "activations" in render(plan)
+    table = render(plan)
+    assert "fits: yes" in table and "activations (2 x 6008 tokens, checkpointed)" in table
+    # Beyond the states: a checkpointed micro-batch, the chunked head, DeepSpeed's bf16 reduce
+    # bucket; rank 0's push holds two 512 MiB buckets and, under ZeRO-3, one bucket gathered.
+    working = {name.split(" (")[0]: mem.device for name, mem in plan.working.items()}
+    assert 4 * GIB < working["activations"] < 6 * GIB
+    assert working["DeepSpeed gradient bucket"] == 2 * 500_000_000
+    assert sum(m.device for m in plan.push.values()) == 3 * 512 * 2**20
+    assert plan.learner_training < H100
+    # An engine's GPU: its 0.85 and, in a push, a bucket outside it.
+    assert plan.gpu_peak == pytest.approx(0.85 * H100 + 512 * 2**20) == plan.engine_pushed
 
 
-def test_mm_eurekas_colocated_layout_fits_an_8_x_80_gib_node(qwen7b):
+def test_mm_eurekas_colocated_layout_fits_an_8_x_80_gb_node(qwen7b):
     plan = plan_of(qwen7b, *MM_EUREKA)
     assert check(plan) == []
     p = plan.model.params
     # ZeRO-1 + offload: 16-bit weights and whole fp32 gradient accumulators stay on the GPU.
     assert plan.learner_total.device == pytest.approx(2 * p.total + 4 * p.trainable)
     assert plan.learner_total.host == pytest.approx(16 * p.trainable / 8)
-    assert plan.gpu_peak == pytest.approx(plan.learner_total.device + 0.3 * 80 * GIB)
-    assert plan.gpu_peak < 80 * GIB
+    # The engines sleep while the learners train; awake, they take their 0.3 in a push.
+    assert plan.engine_sleeps
+    pushing = plan.learner_pushing + 0.3 * H100 + plan.engine_receive
+    assert plan.gpu_peak == pytest.approx(max(plan.learner_training, pushing))
+    assert plan.gpu_peak < H100
     assert plan.kv_sequences >= 1
     assert plan.prompt.longest <= 7096
 
@@ -253,7 +269,7 @@ def test_a_7b_in_fp32_without_zero_on_one_gpu_is_refused_with_its_numbers(qwen7b
     p = plan.model.params
     need = 4 * p.total + 4 * p.trainable + 8 * p.trainable
     (problem,) = [x for x in check(plan) if "learner rank" in x]
-    assert bytes_text(need) in problem and "80.00 GiB" in problem
+    assert bytes_text(need) in problem and "79.18 GiB" in problem
     assert "learner.zero_stage=3" in problem
     assert "fits: NO" in render(plan)
 
@@ -270,7 +286,7 @@ def test_a_prompt_longer_than_the_engine_window_is_refused_with_its_numbers(qwen
     ("overrides", "message"),
     [
         (["rollout.vllm.gpu_memory_utilization=0.2"], "less than one sequence of 8192"),
-        ([*MM_EUREKA, "rollout.vllm.gpu_memory_utilization=0.5"], "colocated: a learner rank's"),
+        ([*MM_EUREKA, "rollout.vllm.gpu_memory_utilization=0.5"], "colocated: "),
         (["learner.zero_stage=0"], "learner.zero_stage=0 with learner.bf16=true"),
         (["cluster.learner_ranks=8"], "the bundles need 12 GPUs, 2 nodes of 8"),
         (["rollout.vllm.max_model_len=200000"], "exceeds the model's 128000 positions"),
@@ -310,7 +326,7 @@ def test_null_gpu_fields_read_the_drivers_gpus(monkeypatch):
     assert (hw.gpus_per_node, hw.gpu_memory) == (4, 24 * GIB) and "torch.cuda" in hw.source
     assert hw.single_node and hw.host_memory  # the CPU demo runs on this machine
     hw = nodes.hardware(train_config("cluster.address=ray://head:10001"))
-    assert (hw.gpus_per_node, hw.gpu_memory) == (8, 80 * GIB)  # the defaults: not read
+    assert (hw.gpus_per_node, hw.gpu_memory) == (8, H100)  # the defaults: not read
     assert not hw.single_node and hw.host_memory is None
 
 
@@ -344,7 +360,9 @@ def test_gmai_rl_plan_prints_the_demo_plan(tiny_model_dir, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "CPU run: no GPU memory to check" in out
-    assert "fits: yes" in out and "not estimated: activations" in out
+    assert (
+        "fits: yes" in out and "activations (" in out and "not estimated: the CUDA context" in out
+    )
     assert not (tmp_path / "train.jsonl").exists()  # a plan writes nothing
 
 
@@ -483,10 +501,50 @@ def test_zero3_counts_a_whole_checkpoint_per_rank_in_host_memory_while_loading(q
 
 def test_a_kv_cache_below_a_steps_longest_sequences_warns_of_preemption(qwen7b):
     # The preset: 128 prompts over 4 engines, 8 samples each: 256 sequences per engine (under
-    # vLLM's default of 1024 on an 80 GiB GPU), up to 6008 tokens each, against 909,164 tokens.
+    # vLLM's default of 1024 on an 80 GB GPU), up to 6008 tokens each, against 896,113 tokens.
     (note,) = [n for n in plan_of(qwen7b).notes if "preempts" in n]
     assert "a step's 256 sequences on one engine may need 1,538,048" in note
-    assert "909,164 tokens per engine" in note
+    assert "896,113 tokens per engine" in note
     assert not [
         n for n in plan_of(qwen7b, "rollout.vllm.max_num_seqs=128").notes if "preempts" in n
     ]
+
+
+def test_a_micro_batch_too_large_to_train_is_refused_with_the_keys_to_change(qwen7b):
+    # The states fit; 16 uncheckpointed sequences of 6008 tokens do not.
+    plan = plan_of(qwen7b, "learner.micro_batch_size=16", "model.gradient_checkpointing=false")
+    (problem,) = [p for p in check(plan) if "while it trains" in p]
+    assert bytes_text(plan.learner_training) in problem
+    assert "activations (16 x 6008 tokens)" in problem
+    assert "learner.micro_batch_size" in problem and "model.gradient_checkpointing" in problem
+    assert check(plan_of(qwen7b, "learner.micro_batch_size=16")) == []  # checkpointed: fits
+
+
+def test_colocated_engines_that_stay_awake_count_beside_the_training_learner(qwen7b):
+    share = ("rollout.vllm.gpu_memory_utilization=0.4",)
+    asleep = plan_of(qwen7b, *MM_EUREKA, *share)
+    assert asleep.engine_sleeps and check(asleep) == []
+    awake = plan_of(qwen7b, *MM_EUREKA, *share, "rollout.vllm.enable_sleep_mode=false")
+    assert not awake.engine_sleeps
+    assert awake.gpu_peak == pytest.approx(awake.learner_training + 0.4 * H100)
+    (problem,) = [p for p in check(awake) if p.startswith("colocated")]
+    assert "engine 31.67 GiB" in problem and "rollout.vllm.enable_sleep_mode" in problem
+
+
+@pytest.mark.parametrize(
+    ("stage", "bf16", "on_gpu", "elements", "width"),
+    [
+        (0, False, True, 10**8, 4),  # whole gradients all-reduced: at most the gradients
+        (1, True, True, 10**8, 4),  # BF16_Optimizer: fp32 accumulators, one bucket
+        (2, True, True, 5 * 10**8, 2),  # the contiguous 16-bit reduce buffer, allocated whole
+        (3, True, True, 5 * 10**8, 2),
+        (3, False, False, 10**8, 4),  # on CPU only what the gradients fill is touched
+    ],
+)
+def test_deepspeeds_gradient_bucket_is_its_default_size_in_the_reducing_dtype(
+    stage, bf16, on_gpu, elements, width
+):
+    from gmai_rl.plan.memory import deepspeed_buffers
+
+    got = deepspeed_buffers(stage, bf16, weight_bytes=4, trainable=10**8, on_gpu=on_gpu)
+    assert got == elements * width

@@ -243,7 +243,12 @@ def test_a_registered_engine_is_planned_through_its_spec(fake_engine):
     plan = make_plan(cfg, SHAPE_FACTS, hw)
     assert plan.engine.reserved == 1000.0  # CPU workers: its weights only
     workers, ranks = cfg.cluster.rollout_workers, cfg.cluster.learner_ranks
-    assert plan.host_needed == ranks * plan.learner_total.host + workers * 1000.0
+    # CPU learners: their states and the larger of a micro-batch's and a push's working set.
+    working = max(
+        sum(m.host for m in plan.working.values()), sum(m.host for m in plan.push.values())
+    )
+    assert working > 0
+    assert plan.host_needed == ranks * (plan.learner_total.host + working) + workers * 1000.0
     assert plan.prompt.window == 4096
     text = render(plan)
     assert "rollout    the fake engine: 1000 bytes" in text

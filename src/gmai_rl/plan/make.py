@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 
 from gmai_rl.cluster.placement import plan_bundles
 from gmai_rl.config import TrainConfig
-from gmai_rl.plan.memory import Memory, learner_states, on_host, reference_states, total
+from gmai_rl.plan.memory import (
+    Memory,
+    activations,
+    deepspeed_buffers,
+    learner_states,
+    lm_head_working,
+    on_host,
+    reference_states,
+    total,
+)
 from gmai_rl.plan.model import ModelFacts, read_model
 from gmai_rl.plan.nodes import Hardware, hardware, nodes_needed
 from gmai_rl.plan.prompt import (
@@ -21,7 +30,7 @@ from gmai_rl.plan.prompt import (
     prompt_budget,
 )
 from gmai_rl.rollout.engines import engine_spec
-from gmai_rl.rollout.sizing import EnginePlan, ModelShape, dtype_bytes
+from gmai_rl.rollout.sizing import MIB, EnginePlan, ModelShape, dtype_bytes
 from gmai_rl.rollout.spec import EngineInputs
 from gmai_rl.types import MCQItem
 
@@ -42,6 +51,12 @@ class Plan:
     """One rank's share of the KL reference; None without one (algo.loss.kl_coef=0)."""
     engine: EnginePlan
     prompt: PromptBudget
+    working: dict[str, Memory] = field(default_factory=dict)
+    """What one learner rank holds beyond its states while it trains a micro-batch."""
+    push: dict[str, Memory] = field(default_factory=dict)
+    """What learner rank 0 holds beyond its states while it pushes the weights."""
+    engine_receive: float = 0.0
+    """An engine's receive buffer on its GPU during a push, outside its reserved share."""
     notes: list[str] = field(default_factory=list)
     data_problems: list[str] = field(default_factory=list)
     """What the run's questions ask of the engine that it refuses (measured when given)."""
@@ -72,21 +87,44 @@ class Plan:
         return self.engine.reserved if self.engine_on_gpu else 0.0
 
     @property
+    def learner_training(self) -> float:
+        """A learner rank's GPU bytes while it trains: states and a micro-batch's working set."""
+        return self.learner_total.device + total(self.working.values()).device
+
+    @property
+    def learner_pushing(self) -> float:
+        """Learner rank 0's GPU bytes while it pushes: states and the buckets in flight."""
+        return self.learner_total.device + total(self.push.values()).device
+
+    @property
+    def engine_pushed(self) -> float:
+        """An engine's GPU bytes while it receives a push."""
+        return self.engine_device + (self.engine_receive if self.engine_on_gpu else 0.0)
+
+    @property
+    def engine_sleeps(self) -> bool:
+        """Colocated engines free their GPU memory while the learners train."""
+        return engine_spec(self.cfg.rollout.backend).sleeps(self.cfg)
+
+    @property
     def gpu_peak(self) -> float:
-        """The most one GPU holds: a learner rank's states or an engine's share, both when
-        colocated (generation and training alternate, but the learner keeps its states)."""
-        learner = self.learner_total.device
+        """The most one GPU holds. Separate: the most of a training learner rank, rank 0 in a
+        push and an engine receiving one. Colocated, the phases share the GPU: training beside an
+        engine (asleep: nothing of it), or a push into the awake engine; the learner keeps its
+        states throughout."""
         if self.cfg.cluster.colocate:
-            return learner + self.engine_device
-        return max(learner, self.engine_device)
+            beside = 0.0 if self.engine_sleeps else self.engine_device
+            return max(self.learner_training + beside, self.learner_pushing + self.engine_pushed)
+        return max(self.learner_training, self.learner_pushing, self.engine_pushed)
 
     @property
     def host_needed(self) -> float:
-        """Host memory of all actors together: learner parts on CPU or offloaded, engines on CPU
-        or asleep."""
+        """Host memory of all actors together: learner parts on CPU or offloaded (with their
+        working set on CPU), engines on CPU or asleep."""
         c = self.cfg.cluster
         engine = (0.0 if self.engine_on_gpu else self.engine.reserved) + self.engine.asleep_on_host
-        return c.learner_ranks * self.learner_total.host + c.rollout_workers * engine
+        working = max(total(self.working.values()).host, total(self.push.values()).host)
+        return c.learner_ranks * (self.learner_total.host + working) + c.rollout_workers * engine
 
     @property
     def zero3_load_ranks(self) -> int:
@@ -170,7 +208,13 @@ def make_plan(
         reference,
         engine_memory(cfg, m, hw.gpu_memory, prompt.longest),
         prompt,
+        working=working_memory(cfg, m, prompt.longest),
+        push=push_memory(cfg),
+        engine_receive=float(cfg.sync.bucket_mb * MIB),
     )
+    if c.gpus_per_learner == 0:
+        plan.working = {name: on_host(mem) for name, mem in plan.working.items()}
+        plan.push = {name: on_host(mem) for name, mem in plan.push.items()}
     plan.notes = _notes(plan)
     plan.data_problems = [
         *over_image_limit(cfg, m, items or []),
@@ -179,10 +223,61 @@ def make_plan(
     return plan
 
 
+def working_memory(cfg: TrainConfig, m: ModelFacts, longest: int) -> dict[str, Memory]:
+    """One learner rank's GPU memory beyond its states while it trains: a micro-batch's
+    activations at the longest sequence (`memory.activations`; unknown shape: left out, and a
+    note says so), the chunked LM head, DeepSpeed's gradient bucket."""
+    lo = cfg.learner
+    w = 2 if lo.bf16 else dtype_bytes(cfg.model.dtype)
+    rows: dict[str, Memory] = {}
+    shape = m.decoder
+    if shape is not None:
+        how = ", checkpointed" if cfg.model.gradient_checkpointing else ""
+        tokens = lo.micro_batch_size * longest
+        rows[f"activations ({lo.micro_batch_size} x {longest} tokens{how})"] = Memory(
+            device=activations(shape, tokens, w, cfg.model.gradient_checkpointing)
+        )
+        rows["LM head (chunks, its gradient)"] = Memory(
+            device=lm_head_working(shape, lo.logprob_chunk_size, w, m.params.trainable > 0)
+        )
+    rows["DeepSpeed gradient bucket"] = Memory(
+        device=deepspeed_buffers(
+            lo.zero_stage,
+            lo.bf16,
+            dtype_bytes(cfg.model.dtype),
+            m.params.trainable,
+            cfg.cluster.gpus_per_learner > 0,
+        )
+    )
+    return rows
+
+
+def push_memory(cfg: TrainConfig) -> dict[str, Memory]:
+    """Learner rank 0's GPU memory beyond its states in a push: the flat buckets in flight
+    (`sync.max_buckets_in_flight` x `sync.bucket_mb`), and under ZeRO-3 the bucket's gathered
+    parameters."""
+    s, bucket = cfg.sync, float(cfg.sync.bucket_mb * MIB)
+    rows = {
+        f"weight-sync buckets ({s.max_buckets_in_flight} x {s.bucket_mb} MiB)": Memory(
+            device=s.max_buckets_in_flight * bucket
+        )
+    }
+    if cfg.learner.zero_stage == 3:
+        rows["a bucket's gathered parameters"] = Memory(device=bucket)
+    return rows
+
+
 def _notes(plan: Plan) -> list[str]:
     """What the plan could not check, and why."""
     hw, m = plan.hw, plan.model
     notes = []
+    if m.decoder is None:
+        notes.append(
+            f"activations not estimated: {m.architecture}'s config gives no hidden_size, "
+            "intermediate_size or num_attention_heads"
+        )
+    if m.params.trainable > 0 and m.params.vision and not plan.cfg.model.freeze_vision:
+        notes.append("the vision tower trains: its activations are not estimated")
     if m.patch_size and plan.prompt.image_tokens is None:
         notes.append(
             "image tokens unknown: set model.max_pixels (the checkpoint's processor config has "

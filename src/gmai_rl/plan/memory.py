@@ -107,3 +107,74 @@ def reference_states(
     if offload:
         return Memory(host=weight_bytes * total_params / ranks)
     return Memory(device=weight_bytes * total_params / (ranks if zero_stage == 3 else 1))
+
+
+# ----------------------------------------------------------------- working memory of a step
+
+DEEPSPEED_BUCKET = 500_000_000
+"""Elements in DeepSpeed 0.19.8's gradient buckets at their defaults: `reduce_bucket_size`
+(ZeRO-2/3's contiguous reduce buffer, `stage_1_and_2.setup_buckets`, `stage3` IPG buffer) and
+the engine's all-reduce of whole gradients without partitioning (`MEMORY_OPT_ALLREDUCE_SIZE`,
+ZeRO-0/1)."""
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What a decoder's activations scale with (the text model of a vision-language one)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int
+    """Key/value width: key-value heads x head dim."""
+    vocab: int
+
+
+def layer_activations(shape: DecoderShape, weight_bytes: int) -> float:
+    """Bytes autograd keeps per token for one decoder layer of the Qwen2/Llama kind (RMSNorm,
+    grouped-query attention through SDPA's fused kernels, SwiGLU MLP, no dropout).
+
+    Counted on transformers' Qwen2.5-VL layer in bf16 (the saved tensors' storages; test:
+    tests/unit/test_plan_activations.py): 20 x hidden + 4 x kv_dim + 8 x intermediate + 4 x heads
+    (RMSNorm's fp32 upcasts, the q/k/v/o projections' inputs and outputs, the attention's
+    output and log-sum-exp, the MLP's gate, up and product). Korthikanti et al. 2022's
+    34 x hidden per token (GPT, 4 x hidden MLP, dropout) counts the same things for another
+    layer. Other dtypes are scaled by their width (fp32 measured 1.88x bf16: an upper bound).
+    Not counted: a padded micro-batch's attention mask (b x s^2, once)."""
+    h, i = shape.hidden, shape.intermediate
+    return (20 * h + 4 * shape.kv_dim + 8 * i + 4 * shape.heads) * weight_bytes / 2
+
+
+def activations(shape: DecoderShape, tokens: int, weight_bytes: int, checkpointing: bool) -> float:
+    """Bytes of one micro-batch's activations at their peak (the start of backward) for `tokens`
+    tokens (padded rows count whole). With HF's gradient checkpointing each layer keeps only its
+    input (hidden x weight_bytes per token) and one layer's activations are rebuilt at a time;
+    the embeddings and the final norm keep ~6 x hidden x weight_bytes / 2 either way."""
+    per_layer = layer_activations(shape, weight_bytes)
+    outside = 6 * shape.hidden * weight_bytes / 2
+    if checkpointing:
+        return tokens * (shape.layers * shape.hidden * weight_bytes + outside + per_layer)
+    return tokens * (shape.layers * per_layer + outside)
+
+
+def lm_head_working(shape: DecoderShape, chunk: int, weight_bytes: int, trains_head: bool) -> float:
+    """The chunked LM head (`algo.logprobs.linear_token_logprobs`): two chunks of fp32 logits
+    (the chunk and its softmax in backward) and, when the head trains, its weight gradient
+    summed over chunks in fp32 beside one chunk's product in the head's dtype."""
+    logits = 2 * chunk * shape.vocab * 4
+    gradient = shape.vocab * shape.hidden * (4 + weight_bytes) if trains_head else 0
+    return float(logits + gradient)
+
+
+def deepspeed_buffers(
+    zero_stage: int, bf16: bool, weight_bytes: int, trainable: int, on_gpu: bool
+) -> float:
+    """DeepSpeed's gradient bucket on each rank [bytes]. ZeRO-2/3 reduce through a contiguous
+    16-bit buffer of `DEEPSPEED_BUCKET` elements, allocated whole (on CPU only the part the
+    gradients fill is touched); ZeRO-0/1 all-reduce the gradients a bucket at a time, flattened
+    in their accumulation dtype (fp32 under bf16), so a bucket is at most the gradients."""
+    if zero_stage >= 2:
+        elements = DEEPSPEED_BUCKET if on_gpu else min(DEEPSPEED_BUCKET, trainable)
+        return float(elements * (2 if bf16 else weight_bytes))
+    return float(min(DEEPSPEED_BUCKET, trainable) * (4 if bf16 else weight_bytes))

@@ -19,7 +19,7 @@ from gmai_rl.models.loading import (
     is_vision_language_config,
     is_vision_parameter,
 )
-from gmai_rl.plan.memory import ParamCounts
+from gmai_rl.plan.memory import DecoderShape, ParamCounts
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,26 @@ class ModelFacts:
     max_pixels: int | None
     """model.max_pixels, else the checkpoint's processor config; None when neither says."""
     source: str
+    hidden: int = 0
+    """The text model's width; 0: unknown (its activations are not estimated)."""
+    intermediate: int = 0
+    """The text model's MLP width."""
+    heads: int = 0
+    """The text model's attention (query) heads."""
+
+    @property
+    def decoder(self) -> DecoderShape | None:
+        """The text decoder's shape, for its activations; None when the config lacks it."""
+        if not (self.hidden and self.intermediate and self.heads):
+            return None
+        return DecoderShape(
+            self.hidden,
+            self.intermediate,
+            self.layers,
+            self.heads,
+            self.kv_heads * self.head_dim,
+            self.vocab,
+        )
 
 
 def count_parameters(model: Any, freeze_vision: bool) -> ParamCounts:
@@ -124,4 +144,7 @@ def read_model(options: ModelOptions) -> ModelFacts:
         merge_size=getattr(vision, "spatial_merge_size", None),
         max_pixels=(options.max_pixels or max_pixels_of(processor)) if vl else None,
         source=source,
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", None) or 0,
+        heads=heads,
     )

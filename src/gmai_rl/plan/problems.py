@@ -65,14 +65,32 @@ def _gpu_problems(plan: Plan) -> list[str]:
             "(learner.zero_stage=3, more cluster.learner_ranks), learner.offload_optimizer=true, "
             "learner.bf16=true, model.freeze_vision=true or learner.reference_offload=true"
         )
+    elif plan.learner_on_gpu and plan.learner_training > g:
+        parts = ", ".join(f"{k} {bytes_text(v.device)}" for k, v in plan.working.items())
+        problems.append(
+            f"a learner rank needs {bytes_text(plan.learner_training)} while it trains, more "
+            f"than the GPU's {bytes_text(g)}: its states {bytes_text(learner)} + {parts}: lower "
+            "learner.micro_batch_size, set model.gradient_checkpointing=true, or shrink the "
+            "states (learner.zero_stage=3, learner.offload_optimizer=true)"
+        )
     problems += plan.engine.problems
     colocated = cfg.cluster.colocate and plan.learner_on_gpu and plan.engine_on_gpu
-    if colocated and learner <= g and plan.gpu_peak > g:
+    if colocated and plan.learner_training <= g and plan.gpu_peak > g:
+        beside = "asleep" if plan.engine_sleeps else bytes_text(plan.engine_device)
         problems.append(
-            f"colocated: a learner rank's {bytes_text(learner)} + the engine's "
-            f"{bytes_text(plan.engine_device)} = {bytes_text(plan.gpu_peak)} > {bytes_text(g)} "
-            "per GPU: lower rollout.vllm.gpu_memory_utilization, shrink the learner's states "
-            "(learner.zero_stage, learner.offload_optimizer) or set cluster.colocate=false"
+            f"colocated: {bytes_text(plan.gpu_peak)} > {bytes_text(g)} per GPU at the busiest "
+            f"phase (training: learner {bytes_text(plan.learner_training)} + engine {beside}; "
+            f"pushing: learner {bytes_text(plan.learner_pushing)} + engine "
+            f"{bytes_text(plan.engine_pushed)}): lower rollout.vllm.gpu_memory_utilization, "
+            "shrink the learner's states (learner.zero_stage, learner.offload_optimizer), put "
+            "the engines to sleep (rollout.vllm.enable_sleep_mode) or set cluster.colocate=false"
+        )
+    if not colocated and plan.engine_on_gpu and plan.engine_pushed > g:
+        problems.append(
+            f"a rollout engine takes {bytes_text(plan.engine_device)} of its GPU and "
+            f"{bytes_text(plan.engine_receive)} more to receive a push (sync.bucket_mb): "
+            f"{bytes_text(plan.engine_pushed)} > {bytes_text(g)}; lower "
+            "rollout.vllm.gpu_memory_utilization or sync.bucket_mb"
         )
     return problems
 

@@ -6,16 +6,16 @@ budget, memory per GPU and host, the notes, and whether it fits.
 from __future__ import annotations
 
 from gmai_rl.plan.make import Plan
+from gmai_rl.plan.memory import Memory
 from gmai_rl.plan.problems import check
 from gmai_rl.plan.prompt import TEMPLATE_TOKENS
 from gmai_rl.rollout.engines import engine_spec
 from gmai_rl.rollout.sizing import bytes_text
 
 NOT_ESTIMATED = (
-    "not estimated: activations (forward/backward, logits), DeepSpeed communication buckets, "
-    "the weight-sync buffers (learner rank 0: sync.bucket_mb x sync.max_buckets_in_flight; each "
-    "engine's receive buffers, outside gpu_memory_utilization), the CUDA context; what is left "
-    "on each GPU is for them"
+    "not estimated: the CUDA context and NCCL's own buffers (~1 GiB per process), the "
+    "allocator's fragmentation, vLLM's overhead beyond the assumed; activations are an estimate "
+    "(plan.memory.layer_activations): what is left on each GPU is for these"
 )
 
 
@@ -87,18 +87,29 @@ def _learner_lines(plan: Plan) -> list[str]:
         )
         rows[f"KL reference ({placed})"] = plan.reference
     rows["total"] = plan.learner_total
+    working = {**plan.working, "while training": _sum(plan.working)}
+    push = {**plan.push, "while pushing (rank 0)": _sum(plan.push)}
     lines = [
         f"learner    ZeRO-{lo.zero_stage}, {precision}, {optimizer}; one rank of {ranks} on "
         f"{device}:",
-        f"             {'':32} {'device':>10} {'host':>10}",
+        f"             {'':44} {'device':>10} {'host':>10}",
     ]
     lines += [
-        f"             {name:32} {bytes_text(mem.device):>10} {bytes_text(mem.host):>10}"
+        f"             {name:44} {bytes_text(mem.device):>10} {bytes_text(mem.host):>10}"
         for name, mem in rows.items()
     ]
     if plan.reference is None:
         lines.append("             no KL reference (algo.loss.kl_coef=0)")
+    lines.append("           and beyond its states, per micro-batch and in a push:")
+    lines += [
+        f"             {name:44} {bytes_text(mem.device):>10} {bytes_text(mem.host):>10}"
+        for name, mem in {**working, **push}.items()
+    ]
     return lines
+
+
+def _sum(rows: dict[str, Memory]) -> Memory:
+    return sum(rows.values(), Memory())
 
 
 def _prompt_lines(plan: Plan) -> list[str]:
@@ -123,21 +134,27 @@ def _memory_lines(plan: Plan) -> list[str]:
     hw, lines = plan.hw, []
     g = hw.gpu_memory
     if g and plan.cfg.cluster.colocate and plan.learner_on_gpu:
-        lines.append(
-            f"per GPU    learner rank {bytes_text(plan.learner_total.device)} + engine "
-            f"{bytes_text(plan.engine_device)} = {bytes_text(plan.gpu_peak)} of "
-            f"{bytes_text(g)}: {bytes_text(g - plan.gpu_peak)} left for activations"
-        )
+        beside = "asleep" if plan.engine_sleeps else bytes_text(plan.engine_device)
+        lines += [
+            f"per GPU    training: learner {bytes_text(plan.learner_training)} + engine {beside}; "
+            f"pushing: learner {bytes_text(plan.learner_pushing)} + engine "
+            f"{bytes_text(plan.engine_pushed)}",
+            f"           at most {bytes_text(plan.gpu_peak)} of {bytes_text(g)}: "
+            f"{bytes_text(g - plan.gpu_peak)} left",
+        ]
     elif g:
         if plan.learner_on_gpu:
-            left = g - plan.learner_total.device
+            most = max(plan.learner_training, plan.learner_pushing)
             lines.append(
-                f"per GPU    learner rank {bytes_text(plan.learner_total.device)} of "
-                f"{bytes_text(g)}: {bytes_text(left)} left for activations"
+                f"per GPU    learner rank {bytes_text(most)} at most (training "
+                f"{bytes_text(plan.learner_training)}, pushing {bytes_text(plan.learner_pushing)})"
+                f" of {bytes_text(g)}: {bytes_text(g - most)} left"
             )
         if plan.engine_on_gpu:
             lines.append(
-                f"per GPU    rollout engine {bytes_text(plan.engine_device)} of {bytes_text(g)}"
+                f"per GPU    rollout engine {bytes_text(plan.engine_device)} + "
+                f"{bytes_text(plan.engine_receive)} receive buffer in a push (outside "
+                f"gpu_memory_utilization) of {bytes_text(g)}"
             )
     if hw.host_memory:
         lines.append(
