@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import II, OmegaConf
 
+from gmai_rl.benchmarks.prompts import PromptStyle
 from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
 from gmai_rl.learner.options import Estimator, LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.models.loading import Dtype, ModelOptions
@@ -411,6 +412,36 @@ class DashboardsConfig:
 
 
 @dataclass
+class BenchmarkSource:
+    """One benchmark in its published format (docs/evaluation.md)."""
+
+    name: str = "???"
+    """gmai-mmbench, omnimedvqa, vqa-rad, slake, path-vqa, pmc-vqa, mmmu-med, medxpertqa-mm or
+    vlmeval-mcq (`gmai_rl.benchmarks.loaders.BENCHMARKS`)."""
+    path: str = "???"
+    """Its file or folder on the driver's machine (local files only: nothing is downloaded)."""
+    max_items: int | None = None
+    """Evaluate the first N questions only; null: all."""
+
+
+@dataclass
+class EvalConfig:
+    """Medical benchmarks evaluated with the held-out set: before and after RL and every
+    `trainer.eval_every` steps, generated on the rollout workers, scored by the rules of
+    `gmai_rl.benchmarks.scoring`."""
+
+    benchmarks: list[BenchmarkSource] = field(default_factory=list)
+    prompt_style: PromptStyle = PromptStyle.TRAINED
+    """trained: the <think>/<answer> format the policy learnt; harness: VLMEvalKit's MCQ prompt
+    and LLaVA-1.5's short-answer prompt (`gmai_rl.benchmarks.prompts`)."""
+    judge: str | None = None
+    """package.module:function that scores open questions (`benchmarks.scoring.load_judge`);
+    null: exact match and token F1 only."""
+    cache_dir: str | None = None
+    """Where images decoded from the benchmark files are kept; null: beside each file."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelOptions = field(default_factory=lambda: ModelOptions(path="???"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -425,6 +456,7 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dashboards: DashboardsConfig = field(default_factory=DashboardsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def rl_optim(self) -> OptimOptions:

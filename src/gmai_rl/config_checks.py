@@ -147,6 +147,24 @@ def _reward(cfg: TrainConfig) -> list[str]:
     return errors
 
 
+def _benchmarks(cfg: TrainConfig) -> list[str]:
+    from gmai_rl.benchmarks.loaders import BENCHMARKS
+    from gmai_rl.reward.plugins import plugin_path_parts
+
+    errors = []
+    for i, source in enumerate(cfg.eval.benchmarks):
+        if source.name not in BENCHMARKS:
+            errors.append(
+                f"eval.benchmarks[{i}].name={source.name!r}: one of {', '.join(sorted(BENCHMARKS))}"
+            )
+    if cfg.eval.judge is not None:
+        try:
+            plugin_path_parts(cfg.eval.judge, "judge")
+        except ValueError as err:
+            errors.append(f"eval.judge: {err}")
+    return errors
+
+
 def _weight_sync(cfg: TrainConfig) -> list[str]:
     if cfg.sync.max_buckets_in_flight < 1:
         return [f"sync.max_buckets_in_flight={cfg.sync.max_buckets_in_flight} must be >= 1"]
@@ -224,5 +242,6 @@ CHECKS: tuple[Callable[[TrainConfig], list[str]], ...] = (
     _cluster_size,
     _batch_shape,
     _sft,
+    _benchmarks,
 )
 """Every cross-field check, in the order their errors are listed: by section of the config."""

@@ -60,7 +60,7 @@ def dashboard_step(record: dict[str, Any]) -> int:
     if "step" not in record:
         return 0
     step = int(record["step"])
-    return step if record.get("stage") == "eval" else step + 1
+    return step if record.get("stage") in ("eval", "bench") else step + 1
 
 
 def run_name(output_dir: Path) -> str:

@@ -15,11 +15,15 @@ import argparse
 import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from gmai_rl.benchmarks.items import BenchItem
+from gmai_rl.benchmarks.prompts import PromptStyle, bench_prompt
+from gmai_rl.benchmarks.results import summarize as summarize_benchmarks
+from gmai_rl.benchmarks.scoring import JudgeFn, score
 from gmai_rl.reward.mcq import answer_block, extract_choice, mcq_reward
-from gmai_rl.types import Group, MCQItem
+from gmai_rl.types import Group, MCQItem, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,43 @@ def summarize(groups: Sequence[Group], items: Sequence[MCQItem]) -> dict[str, An
     }
 
 
+Generate = Callable[[Sequence[Prompt]], list[Group]]
+"""One completion per prompt, in order (a rollout engine's batches, or the cluster's workers)."""
+
+
+def evaluate_benchmarks(
+    generate: Generate,
+    items: Sequence[BenchItem],
+    style: PromptStyle = PromptStyle.TRAINED,
+    system_prompt: str | None = None,
+    judge: JudgeFn | None = None,
+) -> dict[str, Any]:
+    """{benchmark: summary} of one answer per question (`benchmarks.results.summarize`), each
+    with its truncation rate and the questions whose images could not be read ("dropped",
+    named in a warning and left out of n)."""
+    from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
+
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    groups = generate([bench_prompt(item, style, system) for item in items])
+    scored, truncated, dropped = [], Counter[str](), Counter[str]()
+    for item, group in zip(items, groups, strict=True):
+        if group.dropped is not None:
+            dropped[item.benchmark] += 1
+            log.warning(
+                "%s %s (%s) left out: %s", item.benchmark, item.id, item.source, group.dropped
+            )
+            continue
+        completion = group.completions[0]
+        truncated[item.benchmark] += completion.finish_reason == "length"
+        scored.append((item, score(item, completion.text, judge)))
+    summary = summarize_benchmarks(scored)
+    for name, bench in summary.items():
+        bench["truncated_rate"] = truncated[name] / bench["n"]
+        bench["dropped"] = dropped[name]
+        bench["prompt_style"] = str(style)
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gmai-rl eval", description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -83,9 +124,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gmai_rl.benchmarks.loaders import BENCHMARKS
+
     parser.add_argument("--model", required=True, help="HF checkpoint folder or hub name")
-    parser.add_argument("--data", required=True, help="JSONL of questions (any supported format)")
-    parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="JSONL of questions (any supported format); with --benchmark, the benchmark's "
+        "file or folder (once per --benchmark, in the same order)",
+    )
+    parser.add_argument(
+        "--benchmark",
+        action="append",
+        choices=sorted(BENCHMARKS),
+        help="evaluate a medical benchmark in its published format (docs/evaluation.md); "
+        "repeat with --data for several",
+    )
+    parser.add_argument(
+        "--prompt-style",
+        choices=[s.value for s in PromptStyle],
+        default=PromptStyle.TRAINED.value,
+        help="trained: the <think>/<answer> format the policy learnt (default); harness: "
+        "VLMEvalKit's MCQ prompt and LLaVA's short-answer prompt",
+    )
+    parser.add_argument("--judge", default=None, help="package.module:function for open questions")
+    parser.add_argument("--cache-dir", default=None, help="where decoded benchmark images go")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="rollout engine")
+    parser.add_argument("--device", default="cpu", help="the HF engine's device")
+    parser.add_argument("--max-items", type=int, default=None, help="per file or benchmark")
     parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
     parser.add_argument("--no-system-prompt", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -97,19 +164,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt, load_mcq_jsonl
     from gmai_rl.models.loading import ModelOptions
-    from gmai_rl.rollout.hf import HFEngine
+    from gmai_rl.rollout.engines import engine_spec
     from gmai_rl.rollout.worker import generate_or_drop
     from gmai_rl.types import SamplingParams
 
-    items = load_mcq_jsonl(args.data)[: args.max_items]
     system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
-    engine = HFEngine(ModelOptions(args.model))
+    benchmarks = load_benchmark_args(args) if args.benchmark else None
+    items = [] if benchmarks is not None else load_mcq_jsonl(args.data[0])[: args.max_items]
+    engine = engine_spec(args.backend).make(ModelOptions(args.model), args.device, 0)
     sampling = SamplingParams(args.temperature, 1.0, args.max_new_tokens, seed=0)
-    groups: list[Group] = []
-    for start in range(0, len(items), args.batch_size):
-        batch = items[start : start + args.batch_size]
-        groups += generate_or_drop(engine, [build_prompt(i, system) for i in batch], 1, sampling)
-    summary = summarize(groups, items)
+
+    def generate(prompts: Sequence[Prompt]) -> list[Group]:
+        groups: list[Group] = []
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            groups += generate_or_drop(engine, batch, 1, sampling)
+        return groups
+
+    if benchmarks is not None:
+        from gmai_rl.benchmarks.scoring import load_judge
+
+        summary = evaluate_benchmarks(
+            generate, benchmarks, PromptStyle(args.prompt_style), system, load_judge(args.judge)
+        )
+        for name, bench in summary.items():
+            log.info("%s", benchmark_line(name, bench))
+    else:
+        summary = summarize(generate([build_prompt(i, system) for i in items]), items)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.output:
@@ -118,5 +199,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def load_benchmark_args(args: argparse.Namespace) -> list[BenchItem]:
+    """The items of each --benchmark NAME --data PATH pair, in order."""
+    from gmai_rl.benchmarks.loaders import load_benchmark
+
+    if len(args.benchmark) != len(args.data):
+        raise SystemExit(
+            f"gmai-rl eval: {len(args.benchmark)} --benchmark but {len(args.data)} --data: give "
+            "one --data (the benchmark's file or folder) after each --benchmark"
+        )
+    items: list[BenchItem] = []
+    for name, path in zip(args.benchmark, args.data, strict=True):
+        loaded, report = load_benchmark(name, path, cache_dir=args.cache_dir, limit=args.max_items)
+        log.info("%s", report.summary())
+        items += loaded
+    return items
+
+
+def benchmark_line(name: str, bench: dict[str, Any]) -> str:
+    """One benchmark's result in a line: accuracy with its 95% interval, n, open-question F1."""
+    parts = [f"{name}: n {bench['n']}"]
+    if bench["accuracy"] is not None:
+        lo, hi = bench["ci95"]
+        parts.append(f"accuracy {bench['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%})")
+    if bench["open"] is not None:
+        parts.append(f"open F1 {bench['open']['f1']:.3f} (not comparable to judge scores)")
+    return ", ".join(parts)

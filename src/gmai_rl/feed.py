@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from gmai_rl.benchmarks.items import BenchItem
 from gmai_rl.config import TrainConfig
 from gmai_rl.data import build_prompt, load_mcq_jsonl, sft_target
 from gmai_rl.models.tokens import end_of_turn_id
@@ -94,6 +95,8 @@ class Datasets:
     train: list[MCQItem]
     eval: list[MCQItem] = field(default_factory=list)
     sft: list[MCQItem] = field(default_factory=list)
+    benchmarks: list[BenchItem] = field(default_factory=list)
+    """The questions of every `eval.benchmarks` entry, in order."""
 
 
 def load_datasets(cfg: TrainConfig) -> Datasets:
@@ -119,10 +122,33 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
         missing = [item.source for item in data.sft if item.reasoning is None]
         if missing:
             raise ValueError(f"SFT records need reasoning; none in {missing[:3]} ...")
+    data.benchmarks = load_benchmarks(cfg)
     log.info(
-        "data: %d train, %d eval, %d sft items", len(data.train), len(data.eval), len(data.sft)
+        "data: %d train, %d eval, %d sft items, %d benchmark questions",
+        len(data.train),
+        len(data.eval),
+        len(data.sft),
+        len(data.benchmarks),
     )
     return data
+
+
+def load_benchmarks(cfg: TrainConfig) -> list[BenchItem]:
+    """Every `eval.benchmarks` entry's questions (bad rows as `data.on_error` says)."""
+    from gmai_rl.benchmarks.loaders import load_benchmark
+
+    items: list[BenchItem] = []
+    for source in cfg.eval.benchmarks:
+        loaded, report = load_benchmark(
+            source.name,
+            source.path,
+            cache_dir=cfg.eval.cache_dir,
+            on_error=cfg.data.on_error,
+            limit=source.max_items,
+        )
+        log.info("%s", report.summary())
+        items += loaded
+    return items
 
 
 def count_records(path: str) -> int | None:

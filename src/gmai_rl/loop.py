@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from gmai_rl.algo.staleness import drain_points
+from gmai_rl.benchmarks.items import BenchItem
+from gmai_rl.benchmarks.results import flat_metrics
+from gmai_rl.benchmarks.scoring import load_judge
 from gmai_rl.checkpoint import (
     DriverState,
     begin,
@@ -40,14 +43,14 @@ from gmai_rl.config import TrainConfig
 from gmai_rl.config_checks import validate
 from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt
-from gmai_rl.evaluate import summarize
+from gmai_rl.evaluate import benchmark_line, evaluate_benchmarks, summarize
 from gmai_rl.feed import Datasets, ItemSampler, load_datasets, prepare_artifacts, sft_samples
 from gmai_rl.metrics import eval_line, progress_line, step_metrics
 from gmai_rl.pipeline import Pipeline
 from gmai_rl.plan import check, make_plan, render
 from gmai_rl.progress import Progress
 from gmai_rl.report import write_report
-from gmai_rl.types import Group, MCQItem, SamplingParams
+from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,8 @@ def report(cfg: TrainConfig, out: Path, result: dict[str, Any], wall_s: float) -
 def preflight(cfg: TrainConfig, data: Datasets) -> None:
     """Log the pre-flight plan (memory per GPU, prompt budget measured on the questions,
     placement); stop, before anything starts, when it cannot fit or the data cannot run."""
-    plan = make_plan(cfg, items=[*data.train, *data.eval], trained=[*data.train, *data.sft])
+    asked = [*data.train, *data.eval, *(item.for_plan() for item in data.benchmarks)]
+    plan = make_plan(cfg, items=asked, trained=[*data.train, *data.sft])
     log.info("%s", render(plan))
     problems = check(plan)
     if problems:
@@ -287,7 +291,9 @@ EVAL_LOG = {"before_rl": "before RL", "during_rl": "at step {step}", "after_rl":
 
 
 def evaluate_and_record(run: Run, phase: str, step: int) -> dict[str, Any]:
-    """Evaluate after `step` RL steps, log it and record it (stage "eval", with its seconds)."""
+    """Evaluate after `step` RL steps, log it and record it (stage "eval", with its seconds),
+    then the benchmarks (stage "bench": `bench/<name>/...` on the dashboards; in what this
+    returns, "benchmarks")."""
     start = time.perf_counter()
     evaluation = evaluate(run.cluster, run.data.eval, run.cfg)
     if evaluation:
@@ -296,26 +302,64 @@ def evaluate_and_record(run: Run, phase: str, step: int) -> dict[str, Any]:
             {"stage": "eval", "phase": phase, "step": step, **evaluation, "seconds": seconds}
         )
     log.info("held-out %s: %s", EVAL_LOG[phase].format(step=step), eval_line(evaluation))
+    if run.data.benchmarks:
+        start = time.perf_counter()
+        benchmarks = evaluate_on_benchmarks(run.cluster, run.data.benchmarks, run.cfg)
+        metrics = {k.removeprefix("bench/"): v for k, v in flat_metrics(benchmarks).items()}
+        seconds = time.perf_counter() - start
+        run.dashboards.write(
+            {"stage": "bench", "phase": phase, "step": step, **metrics, "seconds": seconds}
+        )
+        for name, bench in benchmarks.items():
+            log.info("%s %s", EVAL_LOG[phase].format(step=step), benchmark_line(name, bench))
+        evaluation = {**evaluation, "benchmarks": benchmarks}
     return evaluation
+
+
+def evaluate_on_benchmarks(
+    cluster: TrainingCluster, items: Sequence[BenchItem], cfg: TrainConfig
+) -> dict[str, Any]:
+    """The benchmarks' questions, one answer each, generated on the rollout workers as the
+    held-out evaluation is (`generate_on_workers`) and scored by `gmai_rl.benchmarks`."""
+    sampling = SamplingParams(
+        cfg.rollout.eval_temperature, 1.0, cfg.rollout.max_new_tokens, seed=cfg.trainer.seed
+    )
+
+    def generate(prompts: Sequence[Prompt]) -> list[Group]:
+        return generate_on_workers(cluster, prompts, sampling, cfg, "benchmarks")
+
+    judge = load_judge(cfg.eval.judge)
+    return evaluate_benchmarks(
+        generate, items, cfg.eval.prompt_style, cfg.data.system_prompt, judge
+    )
 
 
 def evaluate(
     cluster: TrainingCluster, items: Sequence[MCQItem], cfg: TrainConfig
 ) -> dict[str, Any]:
-    """Held-out accuracy of one answer per question (greedy by default): see gmai_rl.evaluate.
-
-    The questions go out in chunks that give every rollout worker one full batch
-    (rollout.max_batch_prompts), so the progress bar moves without costing batch size."""
+    """Held-out accuracy of one answer per question (greedy by default): see gmai_rl.evaluate."""
     if not items:
         return {}
     sampling = SamplingParams(
         cfg.rollout.eval_temperature, 1.0, cfg.rollout.max_new_tokens, seed=cfg.trainer.seed
     )
     prompts = [build_prompt(item, cfg.data.system_prompt) for item in items]
+    return summarize(generate_on_workers(cluster, prompts, sampling, cfg, "eval"), items)
+
+
+def generate_on_workers(
+    cluster: TrainingCluster,
+    prompts: Sequence[Prompt],
+    sampling: SamplingParams,
+    cfg: TrainConfig,
+    label: str,
+) -> list[Group]:
+    """One completion per prompt, in chunks that give every rollout worker one full batch
+    (rollout.max_batch_prompts), so the progress bar moves without costing batch size."""
     chunk = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
     groups: list[Group] = []
-    with Progress.of(cfg.dashboards, "eval", len(prompts), unit="question", leave=False) as bar:
+    with Progress.of(cfg.dashboards, label, len(prompts), unit="question", leave=False) as bar:
         for start in range(0, len(prompts), chunk):
             groups += cluster.generate(prompts[start : start + chunk], 1, sampling)
             bar.advance_to(len(groups))
-    return summarize(groups, items)
+    return groups

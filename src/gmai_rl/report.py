@@ -270,6 +270,53 @@ def accuracy_rows(before: Record, after: Record) -> list[tuple[str, str, str, st
     return rows
 
 
+def benchmark_table(before: Record, after: Record) -> list[str]:
+    """Each benchmark's accuracy (MCQ and closed questions) before and after RL with its 95%
+    interval, then per modality; open questions' token F1; other harnesses' published numbers
+    beside, labelled as such (`benchmarks.references`)."""
+    from gmai_rl.benchmarks.references import REFERENCES
+
+    def cell(bench: Record | None, key: str = "accuracy") -> str:
+        if not bench or not _finite(bench.get(key)):
+            return "–"
+        ci = bench.get("ci95")
+        interval = f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci and key == "accuracy" else ""
+        return f"{100 * bench[key]:.1f}%{interval}"
+
+    lines = [
+        "Accuracy of one greedy answer per question, scored by gmai-rl's rules (docs/"
+        "evaluation.md), with the 95% Wilson interval. The published column is other harnesses' "
+        "numbers (other prompts, answer parsing and often an LLM judge): context, not a match.",
+        "",
+        "| benchmark | n | before RL | after RL | published (other harnesses) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name in sorted(before.keys() | after.keys()):
+        b, a = before.get(name) or {}, after.get(name) or {}
+        published = "; ".join(
+            f"{r.model} {r.accuracy:g} ({r.harness}: {r.source})" for r in REFERENCES.get(name, ())
+        )
+        lines.append(
+            f"| {name} | {a.get('n', b.get('n'))} | {cell(b)} | {cell(a)} | {published or '–'} |"
+        )
+        b_by, a_by = (
+            (b.get("by") or {}).get("modality", {}),
+            (a.get("by") or {}).get("modality", {}),
+        )
+        for modality in sorted(b_by.keys() | a_by.keys()):
+            bm, am = b_by.get(modality), a_by.get(modality)
+            n = (am or bm or {}).get("n")
+            lines.append(f"| {name}: {modality} | {n} | {cell(bm)} | {cell(am)} | |")
+        b_open, a_open = b.get("open"), a.get("open")
+        if b_open or a_open:
+            n = (a_open or b_open or {}).get("n")
+            lines.append(
+                f"| {name}: open questions, token F1 (not comparable to judge scores) | {n} | "
+                f"{cell(b_open, 'f1')} | {cell(a_open, 'f1')} | |"
+            )
+    return lines
+
+
 def report_markdown(
     title: str,
     summary: Sequence[tuple[str, str]],
@@ -283,12 +330,15 @@ def report_markdown(
     lines = [f"# {title}", "", "## Configuration", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {_cell(value)} |" for key, value in summary]
     lines += ["", "## Held-out accuracy", ""]
-    before, after = result.get("before_rl") or {}, result.get("after_rl") or {}
+    before, after = dict(result.get("before_rl") or {}), dict(result.get("after_rl") or {})
+    benchmarks = before.pop("benchmarks", None) or {}, after.pop("benchmarks", None) or {}
     if before or after:
         lines += ["| | before RL | after RL | change |", "|---|---:|---:|---:|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in accuracy_rows(before, after)]
     else:
         lines.append("No held-out evaluation (data.eval is null).")
+    if any(benchmarks):
+        lines += ["", "## Medical benchmarks", "", *benchmark_table(*benchmarks)]
     rl = by_stage(records, "rl")
     if rl:
         first, last = rl[0], rl[-1]

@@ -48,6 +48,36 @@ def test_eval_reports_accuracy_and_the_letters_answered(tiny_model_dir, syntheti
     assert sum(summary["answer_letters"].values()) == 4
 
 
+@pytest.mark.parametrize("style", ["trained", "harness"])
+def test_eval_scores_two_benchmarks_in_their_published_formats(tiny_model_dir, tmp_path, style):
+    from benchmark_fixtures import write_gmai_mmbench, write_vqa_rad
+
+    mcq = write_gmai_mmbench(tmp_path / "mmbench", bad_rows=False)
+    vqa = write_vqa_rad(tmp_path / "vqa_rad", bad_rows=False)
+    out = tmp_path / "bench.json"
+    args = ["eval", "--model", tiny_model_dir, "--max-new-tokens", "8", "--output", str(out)]
+    args += ["--benchmark", "gmai-mmbench", "--data", str(mcq.path)]
+    args += ["--benchmark", "vqa-rad", "--data", str(vqa.path), "--prompt-style", style]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"gmai-mmbench", "vqa-rad"}
+    assert summary["gmai-mmbench"]["n"] == mcq.good and summary["vqa-rad"]["n"] == vqa.good
+    bench = summary["gmai-mmbench"]
+    lo, hi = bench["ci95"]
+    assert 0 <= lo <= bench["accuracy"] <= hi <= 1 and bench["prompt_style"] == style
+    assert sum(bench["answer_letters"].values()) == bench["n"]
+    # Closed (yes/no) questions make the accuracy; open ones are reported apart.
+    vqa_rad = summary["vqa-rad"]
+    assert vqa_rad["open"]["n"] > 0 and vqa_rad["open"]["comparable_to_judge_scores"] is False
+    assert vqa_rad["by"]["answer_type"]["closed"]["n"] == vqa_rad["n_graded"] > 0
+
+
+def test_eval_refuses_benchmarks_and_data_that_do_not_pair(tiny_model_dir, tmp_path):
+    args = ["eval", "--model", tiny_model_dir, "--benchmark", "slake", "--benchmark", "vqa-rad"]
+    with pytest.raises(SystemExit, match="2 --benchmark but 1 --data"):
+        main([*args, "--data", str(tmp_path)])
+
+
 def test_synth_writes_what_it_kept(tiny_model_dir, synthetic_dir, tmp_path, capsys):
     out = tmp_path / "synth.jsonl"
     args = ["synth", "--model", tiny_model_dir, "--data", str(synthetic_dir / "train.jsonl")]

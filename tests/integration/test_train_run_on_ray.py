@@ -18,7 +18,17 @@ ray = pytest.importorskip("ray")
 
 
 def test_end_to_end_run_writes_metrics_and_eval(small_config, tmp_path):
-    cfg = small_config(tmp_path, "trainer.steps=2", "trainer.eval_every=1", "data.max_eval_items=8")
+    from benchmark_fixtures import write_gmai_mmbench, write_vqa_rad
+
+    mcq = write_gmai_mmbench(tmp_path / "benchmarks" / "mmbench", bad_rows=False)
+    vqa = write_vqa_rad(tmp_path / "benchmarks" / "vqa_rad", bad_rows=False)
+    benchmarks = (
+        f"eval.benchmarks=[{{name:gmai-mmbench,path:'{mcq.path}'}},"
+        f"{{name:vqa-rad,path:'{vqa.path}'}}]"
+    )
+    cfg = small_config(
+        tmp_path, "trainer.steps=2", "trainer.eval_every=1", "data.max_eval_items=8", benchmarks
+    )
     init_ray(cfg)  # started here, so the run leaves it up for the scrape below
     try:
         result = run(cfg)
@@ -65,9 +75,27 @@ def test_end_to_end_run_writes_metrics_and_eval(small_config, tmp_path):
     assert (tmp_path / "final" / "config.json").exists() and result["checkpoint"].endswith("final")
 
     assert result["report"] == str(tmp_path / "report.md")
+    check_benchmarks(lines, saved, {"gmai-mmbench": mcq.good, "vqa-rad": vqa.good})
     check_tensorboard(tmp_path / "tensorboard")
     check_report(tmp_path, saved)
     check_ray_metrics(scraped)
+
+
+def check_benchmarks(lines, saved, sizes):
+    """Both benchmarks evaluated with the held-out set (before, during and after RL) on the
+    rollout workers, in metrics.jsonl and eval.json, and the report's table."""
+    bench = [r for r in lines if r["stage"] == "bench"]
+    assert [(r["phase"], r["step"]) for r in bench] == [
+        ("before_rl", 0),
+        ("during_rl", 1),
+        ("after_rl", 2),
+    ]
+    for name, n in sizes.items():
+        assert all(r[f"{name}/n"] == n for r in bench)
+        for phase in ("before_rl", "after_rl"):
+            result = saved[phase]["benchmarks"][name]
+            assert result["n"] == n and result["prompt_style"] == "trained"
+    assert 0 <= bench[-1]["gmai-mmbench/accuracy"] <= 1
 
 
 def check_tensorboard(log_dir):
@@ -78,6 +106,7 @@ def check_tensorboard(log_dir):
     assert [e.step for e in events.Scalars("rl/reward_mean")] == [1, 2]
     assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 1, 2]
     assert [e.step for e in events.Scalars("sft/sft_loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("bench/gmai-mmbench/accuracy")] == [0, 1, 2]
 
 
 def check_report(out, saved):
@@ -94,6 +123,9 @@ def check_report(out, saved):
     for stage in (*stages, "total (wall time)"):
         assert f"| {stage} | " in text, stage
     assert "## RL steps (2)" in text
+    after = saved["after_rl"]["benchmarks"]["gmai-mmbench"]
+    assert "## Medical benchmarks" in text and f"| gmai-mmbench | {after['n']} | " in text
+    assert "GMAI-VL 62.43 (its authors'" in text  # the published number, labelled
 
 
 def scrape_ray_metrics(run, deadline_s):

@@ -1,6 +1,7 @@
 """Layers point one way: every import in the package goes down the stack or stays in its own room.
 
-    types -> pure rooms (algo, data, reward rules, sync plan) -> models, sync transport
+    types -> pure rooms (algo, data, reward rules, sync plan) -> benchmark formats and scoring
+          -> models, sync transport
           -> actors (rollout, learner, reward worker) -> config -> its cross-field checks
           -> cluster, Ray metrics -> progress
           -> driver support (feed, metrics, evaluate, plan) -> a step's batch (batches)
@@ -30,6 +31,7 @@ PACKAGE = Path(gmai_rl.__file__).parent
 LAYERS: list[list[str]] = [
     ["types"],
     ["algo", "data", "reward", "sync.buckets"],
+    ["benchmarks"],
     ["models", "sync"],
     ["rollout", "learner", "reward.worker"],
     ["config"],
@@ -52,6 +54,7 @@ PURE_ROOMS = (
     "data",
     "reward.mcq",
     "reward.overlong",
+    "reward.plugins",
     "sync.buckets",
     "cluster.placement",
     "cluster.environment",
@@ -222,8 +225,8 @@ def test_the_checker_reports_the_arrows_this_layout_removed():
     }
     violations = layering_violations(old)
     assert violations == [
-        "learner.worker imports rollout.hf: sideways between rooms of layer 3",
-        "rollout.vllm (layer 3) imports config (layer 4): up",
+        "learner.worker imports rollout.hf: sideways between rooms of layer 4",
+        "rollout.vllm (layer 4) imports config (layer 5): up",
     ]
 
 

@@ -241,8 +241,8 @@ def scan_project() -> list[Finding]:
 
 
 ALLOWED: dict[tuple[str, str, str], str] = {
-    ("src/gmai_rl/reward/worker.py", "resolve_reward_fn", "importlib.import_module"): (
-        "the reward plug-in loader: reward.fn, a dotted path the user wrote in the config"
+    ("src/gmai_rl/reward/plugins.py", "load_plugin", "importlib.import_module"): (
+        "the plug-in loader: reward.fn and the benchmark judge, dotted paths the user wrote"
     ),
     ("src/gmai_rl/learner/worker.py", "save_state", "torch.save"): (
         "this rank's RNG states, read back by load_state with weights_only=True"

@@ -36,16 +36,17 @@ def build_messages(
     messages: list[Message] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    text = format_question(item)
-    if item.images:
-        content: str | list[dict[str, str]] = [
-            *({"type": "image", "image": path} for path in item.images),
-            {"type": "text", "text": text},
-        ]
-    else:
-        content = text
-    messages.append({"role": "user", "content": content})
+    messages.append(user_message(format_question(item), item.images))
     return messages
+
+
+def user_message(text: str, images: tuple[str, ...] = ()) -> Message:
+    """The user's turn: one image part per image, first, then the text (plain string content
+    without images)."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [*({"type": "image", "image": path} for path in images), {"type": "text", "text": text}]
+    return {"role": "user", "content": parts}
 
 
 def build_prompt(item: MCQItem, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> Prompt:

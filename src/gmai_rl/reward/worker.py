@@ -21,14 +21,13 @@ every breakdown is exactly the function's.
 
 from __future__ import annotations
 
-import importlib
-import keyword
 import logging
 import math
 from collections.abc import Callable, Sequence
 
 from gmai_rl.reward.mcq import mcq_reward
 from gmai_rl.reward.overlong import OVERLONG, soft_overlong_penalty
+from gmai_rl.reward.plugins import load_plugin, plugin_path_parts
 from gmai_rl.types import MCQItem, failed_reward
 
 log = logging.getLogger(__name__)
@@ -43,37 +42,14 @@ ToScore = tuple[str, MCQItem] | tuple[str, MCQItem, int]
 
 
 def reward_path_parts(path: str) -> tuple[str, str]:
-    """(module, attribute) of `module:attr` or `module.attr`.
-
-    ValueError, before anything is imported, for what is not a dotted path of identifiers (a
-    file path, code, an empty string) or names a builtin: a plug-in is only ever a function an
-    installed module defines, never text that would run.
-    """
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    names = [*module_name.split("."), attr]
-    a_file = path.endswith(".py") or module_name.endswith(".py")  # "rewards.py" is no module
-    if a_file or not all(name.isidentifier() and not keyword.iskeyword(name) for name in names):
-        raise ValueError(
-            f"reward function {path!r} must look like 'package.module:function': a dotted path "
-            "to a function in an importable module, not a file path or code"
-        )
-    if names[0] == "builtins":
-        raise ValueError(f"reward function {path!r}: builtins are not reward functions")
-    return module_name, attr
+    """(module, attribute) of `reward.fn`; ValueError, before any import, for what is not a
+    dotted path of identifiers or names a builtin (`reward.plugins.plugin_path_parts`)."""
+    return plugin_path_parts(path, "reward function")
 
 
 def resolve_reward_fn(path: str) -> RewardFn:
     """Import `module:attr` or `module.attr` and return the callable it names."""
-    module_name, attr = reward_path_parts(path)
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load reward function {path!r}: {err}") from err
-    if not callable(fn):
-        raise ValueError(f"reward function {path!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return load_plugin(path, "reward function")
 
 
 def mcq_rule(format_weight: float) -> RewardFn:
