@@ -5,7 +5,8 @@ gmai-rl plan [hydra overrides ...]      pre-flight plan: memory per GPU, prompt 
 gmai-rl make-tiny-model OUT             offline tiny Qwen2.5-VL with processor and chat template
 gmai-rl make-data OUT [...]             the synthetic medical MCQ dataset
 gmai-rl synth --model M --data D ...    rejection sampling into SFT records
-gmai-rl eval --model M --data D         held-out accuracy of a checkpoint
+gmai-rl eval --model M --data D         held-out accuracy of a checkpoint; --benchmark NAME for
+                                        medical benchmarks, --ray [OVERRIDES] on a Ray cluster
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def _plan(argv: Sequence[str]) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from gmai_rl import evaluate
+    from gmai_rl.train import compose
+
+    return evaluate.run(args, compose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmai_rl import evaluate, synth
     from gmai_rl.data.synthetic import cli as synthetic_cli
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(run=synth.run)
     ev = commands.add_parser("eval", help="held-out accuracy of a checkpoint")
     evaluate.add_arguments(ev)
-    ev.set_defaults(run=evaluate.run)
+    ev.set_defaults(run=_eval)
     return parser
 
 

@@ -16,14 +16,18 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gmai_rl.benchmarks.items import BenchItem
 from gmai_rl.benchmarks.prompts import PromptStyle, bench_prompt
 from gmai_rl.benchmarks.results import summarize as summarize_benchmarks
 from gmai_rl.benchmarks.scoring import JudgeFn, score
 from gmai_rl.reward.mcq import answer_block, extract_choice, mcq_reward
-from gmai_rl.types import Group, MCQItem, Prompt
+from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams
+
+if TYPE_CHECKING:
+    from gmai_rl.cluster.protocol import TrainingCluster
+    from gmai_rl.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,27 @@ def evaluate_benchmarks(
     return summary
 
 
+def generate_on_workers(
+    cluster: TrainingCluster,
+    prompts: Sequence[Prompt],
+    sampling: SamplingParams,
+    cfg: TrainConfig,
+    label: str,
+) -> list[Group]:
+    """One completion per prompt on the cluster's rollout workers, in chunks that give every
+    worker one full batch (rollout.max_batch_prompts), so the progress bar moves without
+    costing batch size."""
+    from gmai_rl.progress import Progress
+
+    chunk = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
+    groups: list[Group] = []
+    with Progress.of(cfg.dashboards, label, len(prompts), unit="question", leave=False) as bar:
+        for start in range(0, len(prompts), chunk):
+            groups += cluster.generate(prompts[start : start + chunk], 1, sampling)
+            bar.advance_to(len(groups))
+    return groups
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gmai-rl eval", description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -150,8 +175,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--judge", default=None, help="package.module:function for open questions")
     parser.add_argument("--cache-dir", default=None, help="where decoded benchmark images go")
-    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="rollout engine")
-    parser.add_argument("--device", default="cpu", help="the HF engine's device")
+    parser.add_argument(
+        "--backend", choices=["hf", "vllm"], default="hf", help="rollout engine (in process)"
+    )
+    parser.add_argument("--device", default="cpu", help="the in-process HF engine's device")
+    parser.add_argument(
+        "--ray",
+        nargs="*",
+        metavar="OVERRIDE",
+        default=None,
+        help="generate on a Ray cluster's rollout workers instead (a local one, or "
+        "cluster.address / RAY_ADDRESS), set up as a training config with these hydra overrides "
+        "would (e.g. rollout=vllm cluster.rollout_workers=4 cluster.gpus_per_rollout_worker=1)",
+    )
     parser.add_argument("--max-items", type=int, default=None, help="per file or benchmark")
     parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
     parser.add_argument("--no-system-prompt", action="store_true")
@@ -161,7 +197,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="write the summary JSON here")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | None = None) -> int:
+    """`gmai-rl eval`. `compose` builds a training config from hydra overrides (the CLI passes
+    `gmai_rl.train.compose`, an entry point's, which this module may not import): needed by
+    `--ray`."""
     from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt, load_mcq_jsonl
     from gmai_rl.models.loading import ModelOptions
     from gmai_rl.rollout.engines import engine_spec
@@ -171,17 +210,11 @@ def run(args: argparse.Namespace) -> int:
     system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
     benchmarks = load_benchmark_args(args) if args.benchmark else None
     items = [] if benchmarks is not None else load_mcq_jsonl(args.data[0])[: args.max_items]
-    engine = engine_spec(args.backend).make(ModelOptions(args.model), args.device, 0)
     sampling = SamplingParams(args.temperature, 1.0, args.max_new_tokens, seed=0)
 
-    def generate(prompts: Sequence[Prompt]) -> list[Group]:
-        groups: list[Group] = []
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start : start + args.batch_size]
-            groups += generate_or_drop(engine, batch, 1, sampling)
-        return groups
-
-    if benchmarks is not None:
+    def answer(generate: Generate) -> dict[str, Any]:
+        if benchmarks is None:
+            return summarize(generate([build_prompt(i, system) for i in items]), items)
         from gmai_rl.benchmarks.scoring import load_judge
 
         summary = evaluate_benchmarks(
@@ -189,14 +222,48 @@ def run(args: argparse.Namespace) -> int:
         )
         for name, bench in summary.items():
             log.info("%s", benchmark_line(name, bench))
+        return summary
+
+    if args.ray is not None:
+        if compose is None:
+            raise SystemExit("--ray: run it as gmai-rl eval, which reads the training configs")
+        cfg = compose([*args.ray, f"model.path={args.model}", "model.build_tiny_if_missing=false"])
+        summary = on_ray(cfg, sampling, answer)
     else:
-        summary = summarize(generate([build_prompt(i, system) for i in items]), items)
+        engine = engine_spec(args.backend).make(ModelOptions(args.model), args.device, 0)
+
+        def generate(prompts: Sequence[Prompt]) -> list[Group]:
+            groups: list[Group] = []
+            for start in range(0, len(prompts), args.batch_size):
+                batch = prompts[start : start + args.batch_size]
+                groups += generate_or_drop(engine, batch, 1, sampling)
+            return groups
+
+        summary = answer(generate)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
     return 0
+
+
+def on_ray(
+    cfg: TrainConfig, sampling: SamplingParams, answer: Callable[[Generate], dict[str, Any]]
+) -> dict[str, Any]:
+    """`answer` with generation on the rollout workers of a generation cluster
+    (`Cluster.start_generation`) of the training config `cfg`."""
+    from gmai_rl.cluster.cluster import Cluster
+    from gmai_rl.cluster.session import ray_session
+
+    with ray_session(cfg):
+        cluster = Cluster.start_generation(cfg)
+        try:
+            return answer(
+                lambda prompts: generate_on_workers(cluster, prompts, sampling, cfg, "eval")
+            )
+        finally:
+            cluster.shutdown()
 
 
 def load_benchmark_args(args: argparse.Namespace) -> list[BenchItem]:

@@ -43,7 +43,12 @@ from gmai_rl.config import TrainConfig
 from gmai_rl.config_checks import validate
 from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt
-from gmai_rl.evaluate import benchmark_line, evaluate_benchmarks, summarize
+from gmai_rl.evaluate import (
+    benchmark_line,
+    evaluate_benchmarks,
+    generate_on_workers,
+    summarize,
+)
 from gmai_rl.feed import Datasets, ItemSampler, load_datasets, prepare_artifacts, sft_samples
 from gmai_rl.metrics import eval_line, progress_line, step_metrics
 from gmai_rl.pipeline import Pipeline
@@ -345,21 +350,3 @@ def evaluate(
     )
     prompts = [build_prompt(item, cfg.data.system_prompt) for item in items]
     return summarize(generate_on_workers(cluster, prompts, sampling, cfg, "eval"), items)
-
-
-def generate_on_workers(
-    cluster: TrainingCluster,
-    prompts: Sequence[Prompt],
-    sampling: SamplingParams,
-    cfg: TrainConfig,
-    label: str,
-) -> list[Group]:
-    """One completion per prompt, in chunks that give every rollout worker one full batch
-    (rollout.max_batch_prompts), so the progress bar moves without costing batch size."""
-    chunk = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
-    groups: list[Group] = []
-    with Progress.of(cfg.dashboards, label, len(prompts), unit="question", leave=False) as bar:
-        for start in range(0, len(prompts), chunk):
-            groups += cluster.generate(prompts[start : start + chunk], 1, sampling)
-            bar.advance_to(len(groups))
-    return groups

@@ -72,6 +72,28 @@ def test_eval_scores_two_benchmarks_in_their_published_formats(tiny_model_dir, t
     assert vqa_rad["by"]["answer_type"]["closed"]["n"] == vqa_rad["n_graded"] > 0
 
 
+def test_eval_on_ray_generates_on_the_rollout_workers_of_a_generation_cluster(
+    tiny_model_dir, tmp_path
+):
+    import ray
+
+    from benchmark_fixtures import write_gmai_mmbench, write_slake
+
+    mcq = write_gmai_mmbench(tmp_path / "mmbench", bad_rows=False)
+    closed = write_slake(tmp_path / "slake", bad_rows=False)
+    out = tmp_path / "bench.json"
+    args = ["eval", "--model", tiny_model_dir, "--max-new-tokens", "8", "--output", str(out)]
+    args += ["--benchmark", "gmai-mmbench", "--data", str(mcq.path)]
+    args += ["--benchmark", "slake", "--data", str(closed.path)]
+    # Two workers, one prompt per batch each: every chunk is split over both.
+    args += ["--ray", "cluster.rollout_workers=2", "rollout.max_batch_prompts=1"]
+    assert main(args) == 0
+    assert not ray.is_initialized()  # the session it started is gone
+    summary = json.loads(out.read_text())
+    assert summary["gmai-mmbench"]["n"] == mcq.good and summary["slake"]["n"] == closed.good
+    assert sum(summary["gmai-mmbench"]["answer_letters"].values()) == mcq.good
+
+
 def test_eval_refuses_benchmarks_and_data_that_do_not_pair(tiny_model_dir, tmp_path):
     args = ["eval", "--model", tiny_model_dir, "--benchmark", "slake", "--benchmark", "vqa-rad"]
     with pytest.raises(SystemExit, match="2 --benchmark but 1 --data"):

@@ -67,7 +67,16 @@ class Actors:
     def start(self, sleeps: bool) -> None:
         """Start every actor and wait for each one's constructor (model loading, DeepSpeed
         init). `sleeps`: rollout engines that sleep while the learners train (colocated vLLM):
-        started and put to sleep before the learners."""
+        started and put to sleep before the learners. Without learner bundles (a generation
+        cluster), the rollout and reward workers only."""
+        if not self.plan.learner_bundles:
+            self.rewards = [self.start_reward() for _ in range(self.cfg.reward.num_workers)]
+            self.rollouts = [
+                self.start_rollout(i, 0) for i in range(len(self.plan.rollout_bundles))
+            ]
+            self.await_started(REWARD)
+            self.await_started(ROLLOUT)
+            return
         master_addr, master_port = self._probe_learner_node()
         self.learner_host = master_addr
         self.rewards = [self.start_reward() for _ in range(self.cfg.reward.num_workers)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from gmai_rl.cluster.actors import LEARNER, REWARD, ROLLOUT, Actors
@@ -64,13 +65,26 @@ class Cluster:
     def start(cls, cfg: TrainConfig) -> Cluster:
         """Check that the cluster can hold the run, place and start every actor, form the learner
         group and the weight-sync group; on failure, remove whatever was started."""
+        return cls._start(cfg)
+
+    @classmethod
+    def start_generation(cls, cfg: TrainConfig) -> Cluster:
+        """A cluster of `cfg`'s rollout and reward workers only, generating from the checkpoint
+        at model.path (evaluation, rejection sampling): no learners, no weight-sync group, the
+        engines awake throughout. A dead rollout worker's prompts go to the others, and with
+        none left the dead are replaced (they load the same checkpoint)."""
+        alone = replace(cfg.cluster, learner_ranks=0, colocate=False)
+        return cls._start(replace(cfg, cluster=alone))
+
+    @classmethod
+    def _start(cls, cfg: TrainConfig) -> Cluster:
         plan = plan_bundles(cfg.cluster)
         check_resources(cfg, plan)
         cluster = cls(cfg, ready_placement_group(cfg, plan))
         try:
             cluster.actors.start(sleeps=cluster.rollouts_sleep)
             cluster.rollouts_asleep = cluster.rollouts_sleep
-            backend, world = cluster.sync.form()
+            backend, world = cluster.sync.form() if plan.learner_bundles else ("none", 0)
         except BaseException:
             try:
                 cluster.shutdown()

@@ -104,6 +104,7 @@ class Recovery:
         """Replace every rollout worker noted dead (see the module docstring). `push`: push the
         learners' weights (those of the current version) to every worker now; else the caller
         pushes next, and that push carries every weight."""
+        push = push and bool(self.actors.learners)  # a generation cluster: nothing to push
         with self.sync.lock:
             while self.dead:
                 if push and not self.sync.current:
@@ -132,7 +133,8 @@ class Recovery:
             ray.kill(self.actors.rollouts[i], no_restart=True)  # dead already, or as good as
             self.actors.rollouts[i] = self.actors.start_rollout(i, self.sync.generation)
         self.actors.await_started(ROLLOUT, only=sorted(dead))
-        self.sync.form()
+        if self.actors.learners:  # else a generation cluster: the checkpoint's weights are all
+            self.sync.form()
         self.sync.frozen_pushed = False  # a new engine holds the model path's weights
         self.sync.set_versions(self.sync.version)
         self.rollout_restarts += len(dead)
