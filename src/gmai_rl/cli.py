@@ -4,7 +4,8 @@ gmai-rl train [hydra overrides ...]     GRPO on Ray (same as python -m gmai_rl.t
 gmai-rl plan [hydra overrides ...]      pre-flight plan: memory per GPU, prompt budget, placement
 gmai-rl make-tiny-model OUT             offline tiny Qwen2.5-VL with processor and chat template
 gmai-rl make-data OUT [...]             the synthetic medical MCQ dataset
-gmai-rl synth --model M --data D ...    rejection sampling into SFT records
+gmai-rl synth --model M --data D ...    rejection sampling into SFT records (--ray [OVERRIDES]: on
+                                        a Ray cluster's rollout and reward workers)
 gmai-rl eval --model M --data D         held-out accuracy of a checkpoint; --benchmark NAME for
                                         medical benchmarks, --ray [OVERRIDES] on a Ray cluster
 """
@@ -85,6 +86,13 @@ def _eval(args: argparse.Namespace) -> int:
     return evaluate.run(args, compose)
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from gmai_rl import synth
+    from gmai_rl.train import compose
+
+    return synth.run(args, compose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gmai_rl import evaluate, synth
     from gmai_rl.data.synthetic import cli as synthetic_cli
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(run=synthetic_cli.run)
     rs = commands.add_parser("synth", help="rejection sampling into SFT records")
     synth.add_arguments(rs)
-    rs.set_defaults(run=synth.run)
+    rs.set_defaults(run=_synth)
     ev = commands.add_parser("eval", help="held-out accuracy of a checkpoint")
     evaluate.add_arguments(ev)
     ev.set_defaults(run=_eval)

@@ -6,25 +6,52 @@ The output is GMAI-Reasoning10K `reasoning_mcq_sft` JSONL (absolute image paths)
 -> sample is the paper's iterative training.
 
     gmai-rl synth --model CKPT --data train.jsonl --out synth.jsonl --k 8
+    gmai-rl synth ... --ray rollout=vllm cluster.rollout_workers=4 cluster.gpus_per_rollout_worker=1
+
+In one process (HF generate, the MCQ rule) or, with `--ray`, on a generation cluster: the rollout
+workers of the training config the overrides describe generate, its reward workers score
+(`reward.fn`'s breakdowns must hold "format" and "accuracy", as the default rule's do).
+
+Streaming and resumable: questions go out a batch at a time; each batch's kept traces are
+appended to the output, then its questions to `<out>.done.jsonl` (one line per question with
+its counts). A synth started again on the same output skips the questions listed done and drops
+any trace of a question not listed (a batch cut off between the two writes), so each question's
+traces are written exactly once. `<out>.provenance.json` records the model, policy version,
+sampling settings, filters and the source data's hash; a resume with other settings is refused.
+
+A question's traces are kept when its group's accuracy (correct samples / k) lies in
+[--min-accuracy, --max-accuracy]: `--max-accuracy 0.99` keeps only questions the policy gets
+wrong sometimes (difficulty filtering). Rejected samples are counted by reason: too_long (cut at
+--max-new-tokens), format, wrong_answer, duplicate; and per modality.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gmai_rl.data.prompts import build_prompt, format_question
 from gmai_rl.reward.mcq import mcq_reward
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams
 
+if TYPE_CHECKING:
+    from gmai_rl.config import DashboardsConfig, TrainConfig
+
 log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[Sequence[Prompt], int, SamplingParams], list[Group]]
+ScoreFn = Callable[[Sequence[Group], Sequence[MCQItem]], None]
+"""Fills each group's `rewards` with one breakdown per completion ("format", "accuracy")."""
+
+REJECTIONS = ("too_long", "format", "wrong_answer", "duplicate")
 
 
 @dataclass
@@ -33,28 +60,61 @@ class SynthStats:
     sampled: int = 0
     kept: int = 0
     questions_with_a_trace: int = 0
-    rejected: dict[str, int] = field(
-        default_factory=lambda: {"format": 0, "wrong_answer": 0, "duplicate": 0}
-    )
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Samples by reason (REJECTIONS)."""
+    filtered: Counter[str] = field(default_factory=Counter)
+    """Questions left out by the difficulty filter: too_easy, too_hard."""
+    by_modality: dict[str, Counter[str]] = field(default_factory=dict)
+    """Modality -> questions, kept, and each rejection reason."""
+
+    def count(self, modality: str | None, key: str, n: int = 1) -> None:
+        self.by_modality.setdefault(modality or "unknown", Counter())[key] += n
+
+    def line(self) -> str:
+        rejected = ", ".join(f"{r} {self.rejected[r]}" for r in REJECTIONS)
+        return (
+            f"kept {self.kept} traces for {self.questions_with_a_trace}/{self.questions} "
+            f"questions from {self.sampled} samples (rejected: {rejected}; filtered questions: "
+            f"{dict(self.filtered) or 'none'})"
+        )
+
+
+def mcq_breakdowns(groups: Sequence[Group], items: Sequence[MCQItem]) -> None:
+    """The MCQ rule's breakdowns, in this process (what the reward workers compute by default)."""
+    for group, item in zip(groups, items, strict=True):
+        group.rewards = [
+            mcq_reward(c.text.strip(), item.answer, item.options).as_dict()
+            for c in group.completions
+        ]
 
 
 def select_traces(
     group: Group, item: MCQItem, keep_per_question: int, stats: SynthStats
 ) -> list[str]:
-    """The distinct completions of `group` that are well formed and answer `item` correctly."""
+    """The distinct completions of a scored `group` that ran to their end, are well formed and
+    answer `item` correctly, at most `keep_per_question`; every other sample counted by reason."""
     kept: list[str] = []
-    for completion in group.completions:
+    for completion, reward in zip(group.completions, group.rewards, strict=True):
         text = completion.text.strip()
-        reward = mcq_reward(text, item.answer, item.options)
-        if reward.format < 1.0:
-            stats.rejected["format"] += 1
-        elif reward.accuracy < 1.0:
-            stats.rejected["wrong_answer"] += 1
+        if completion.finish_reason == "length":
+            why = "too_long"
+        elif reward["format"] < 1.0:
+            why = "format"
+        elif reward["accuracy"] < 1.0:
+            why = "wrong_answer"
         elif text in kept:
-            stats.rejected["duplicate"] += 1
-        elif len(kept) < keep_per_question:
-            kept.append(text)
+            why = "duplicate"
+        else:
+            if len(kept) < keep_per_question:
+                kept.append(text)
+            continue
+        stats.rejected[why] += 1
+        stats.count(item.modality, why)
     return kept
+
+
+def group_accuracy(group: Group) -> float:
+    return sum(r["accuracy"] for r in group.rewards) / max(len(group.rewards), 1)
 
 
 def sft_record(item: MCQItem, trace: str, index: int) -> dict[str, Any]:
@@ -67,65 +127,252 @@ def sft_record(item: MCQItem, trace: str, index: int) -> dict[str, Any]:
     return record
 
 
+@dataclass(frozen=True)
+class Filters:
+    k: int = 8
+    keep_per_question: int = 1
+    min_accuracy: float = 0.0
+    max_accuracy: float = 1.0
+
+
 def rejection_sample(
     generate: GenerateFn,
     items: Sequence[MCQItem],
-    k: int,
     sampling: SamplingParams,
     system_prompt: str | None,
-    keep_per_question: int = 1,
+    filters: Filters = Filters(),
     batch_size: int = 32,
-) -> tuple[list[dict[str, Any]], SynthStats]:
-    stats = SynthStats(questions=len(items))
-    records: list[dict[str, Any]] = []
+    score: ScoreFn = mcq_breakdowns,
+) -> Iterator[tuple[list[MCQItem], list[dict[str, Any]], list[dict[str, Any]], SynthStats]]:
+    """Per batch of questions: (the batch, its SFT records, one line per question with its
+    counts, the running stats). Generation by `generate`, scoring by `score`."""
+    stats = SynthStats()
     for start in range(0, len(items), batch_size):
         batch = list(items[start : start + batch_size])
-        groups = generate([build_prompt(item, system_prompt) for item in batch], k, sampling)
+        groups = generate(
+            [build_prompt(item, system_prompt) for item in batch], filters.k, sampling
+        )
+        score(groups, batch)
+        records, done = [], []
         for group, item in zip(groups, batch, strict=True):
+            stats.questions += 1
             stats.sampled += len(group.completions)
-            traces = select_traces(group, item, keep_per_question, stats)
+            stats.count(item.modality, "questions")
+            before = sum(stats.rejected.values())
+            traces = select_traces(group, item, filters.keep_per_question, stats)
+            accuracy = group_accuracy(group)
+            if accuracy < filters.min_accuracy or accuracy > filters.max_accuracy:
+                stats.filtered["too_easy" if accuracy > filters.max_accuracy else "too_hard"] += 1
+                traces = []
             stats.kept += len(traces)
             stats.questions_with_a_trace += bool(traces)
+            stats.count(item.modality, "kept", len(traces))
             records += [sft_record(item, trace, i) for i, trace in enumerate(traces)]
-    return records, stats
+            done.append(
+                {
+                    "id": item.id,
+                    "kept": len(traces),
+                    "accuracy": accuracy,
+                    "rejected": sum(stats.rejected.values()) - before,
+                }
+            )
+        yield batch, records, done, stats
+
+
+# ------------------------------------------------------------------------ the output files
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SynthOutput:
+    """The SFT JSONL, `<out>.done.jsonl` and `<out>.provenance.json` (module docstring)."""
+
+    def __init__(self, out: str | os.PathLike[str], provenance: dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.done_file = self.out.with_name(self.out.name + ".done.jsonl")
+        self.provenance_file = self.out.with_name(self.out.name + ".provenance.json")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.done = self._resume(provenance)
+
+    def _resume(self, provenance: dict[str, Any]) -> set[str]:
+        """The questions done by an earlier synth into the same output (none: a fresh start)."""
+        if not self.provenance_file.exists():
+            for stale in (self.out, self.done_file):
+                stale.unlink(missing_ok=True)
+            self.provenance_file.write_text(json.dumps(provenance, indent=2) + "\n")
+            return set()
+        earlier = json.loads(self.provenance_file.read_text())
+        changed = sorted(
+            k for k in provenance.keys() | earlier.keys() if provenance.get(k) != earlier.get(k)
+        )
+        if changed:
+            raise SystemExit(
+                f"{self.out} was written by a synth with other settings ({', '.join(changed)} "
+                f"differ; see {self.provenance_file}): give another --out, or delete it to start "
+                "again"
+            )
+        done = set()
+        if self.done_file.exists():
+            done = {json.loads(line)["id"] for line in self.done_file.read_text().splitlines()}
+        if self.out.exists():  # drop the traces of a batch cut off before it was listed done
+            lines = self.out.read_text().splitlines(keepends=True)
+            kept = [x for x in lines if json.loads(x)["id"].rsplit("-synth", 1)[0] in done]
+            if len(kept) != len(lines):
+                log.warning(
+                    "%s: dropped %d trace(s) of an unfinished batch",
+                    self.out,
+                    len(lines) - len(kept),
+                )
+                _write_atomically(self.out, "".join(kept))
+        log.info("%s: resuming, %d question(s) done already", self.out, len(done))
+        return done
+
+    def append(self, records: Sequence[dict[str, Any]], done: Sequence[dict[str, Any]]) -> None:
+        """One batch: its traces, then its questions listed done (each on disk before the
+        next)."""
+        _append_lines(self.out, records)
+        _append_lines(self.done_file, done)
+        self.done.update(d["id"] for d in done)
+
+
+def _append_lines(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------- the CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="policy checkpoint (HF folder or hub name)")
     parser.add_argument("--data", required=True, help="questions JSONL (any supported format)")
-    parser.add_argument("--out", required=True, help="SFT JSONL to write")
+    parser.add_argument("--out", required=True, help="SFT JSONL to write (or resume)")
     parser.add_argument("--k", type=int, default=8, help="samples per question")
     parser.add_argument("--keep-per-question", type=int, default=1)
+    parser.add_argument("--min-accuracy", type=float, default=0.0, help="of a question's group")
+    parser.add_argument(
+        "--max-accuracy",
+        type=float,
+        default=1.0,
+        help="of a question's group; below 1 keeps only questions the policy gets wrong sometimes",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longer traces: too_long")
     parser.add_argument("--max-items", type=int, default=None)
     parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
     parser.add_argument("--no-system-prompt", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="questions per batch (one process)"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ray",
+        nargs="*",
+        metavar="OVERRIDE",
+        default=None,
+        help="generate on a Ray cluster's rollout workers and score on its reward workers, set "
+        "up as a training config with these hydra overrides would",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | None = None) -> int:
+    """`gmai-rl synth`. `compose` builds a training config from hydra overrides (the CLI passes
+    `gmai_rl.train.compose`): needed by `--ray`."""
     from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, load_mcq_jsonl
-    from gmai_rl.models.loading import ModelOptions
-    from gmai_rl.rollout.hf import HFEngine
 
-    items = load_mcq_jsonl(args.data)[: args.max_items]
-    engine = HFEngine(ModelOptions(args.model))
+    filters = Filters(args.k, args.keep_per_question, args.min_accuracy, args.max_accuracy)
     system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
     sampling = SamplingParams(args.temperature, args.top_p, args.max_new_tokens, seed=args.seed)
-    records, stats = rejection_sample(
-        engine.generate, items, args.k, sampling, system, args.keep_per_question, args.batch_size
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(
-        f"kept {stats.kept} traces for {stats.questions_with_a_trace}/{stats.questions} questions "
-        f"from {stats.sampled} samples (rejected: {stats.rejected}) -> {out}"
-    )
+    provenance = {
+        "model": str(args.model),
+        "policy_version": 0,  # the checkpoint's own weights: a synth pushes none
+        "data": str(Path(args.data).resolve()),
+        "data_sha256": file_sha256(args.data),
+        "max_items": args.max_items,
+        "sampling": asdict(sampling),
+        "filters": asdict(filters),
+        "system_prompt": system,
+        "generated_by": "ray" if args.ray is not None else "one process (HF)",
+    }
+    output = SynthOutput(args.out, provenance)
+    items = [i for i in load_mcq_jsonl(args.data)[: args.max_items] if i.id not in output.done]
+
+    if args.ray is not None:
+        if compose is None:
+            raise SystemExit("--ray: run it as gmai-rl synth, which reads the training configs")
+        cfg = compose([*args.ray, f"model.path={args.model}", "model.build_tiny_if_missing=false"])
+        stats = on_cluster(cfg, items, sampling, system, filters, output)
+    else:
+        from gmai_rl.config import DashboardsConfig
+        from gmai_rl.models.loading import ModelOptions
+        from gmai_rl.rollout.hf import HFEngine
+
+        engine = HFEngine(ModelOptions(args.model))
+        batches = rejection_sample(
+            engine.generate, items, sampling, system, filters, args.batch_size
+        )
+        stats = write_all(batches, output, DashboardsConfig(), len(items))
+    print(f"{stats.line()} -> {output.out}")
+    for modality, counts in sorted(stats.by_modality.items()):
+        print(f"  {modality}: {dict(counts)}")
     return 0
+
+
+Batches = Iterator[tuple[list[MCQItem], list[dict[str, Any]], list[dict[str, Any]], SynthStats]]
+
+
+def write_all(
+    batches: Batches, output: SynthOutput, dashboards: DashboardsConfig, total: int
+) -> SynthStats:
+    """Append every batch to `output` as it comes, with a progress bar; the final stats."""
+    from gmai_rl.progress import Progress
+
+    stats = SynthStats()
+    with Progress.of(dashboards, "synth", total, unit="question") as bar:
+        for batch, records, done, stats in batches:
+            output.append(records, done)
+            bar.update(len(batch), kept=stats.kept)
+    return stats
+
+
+def on_cluster(
+    cfg: TrainConfig,
+    items: Sequence[MCQItem],
+    sampling: SamplingParams,
+    system: str | None,
+    filters: Filters,
+    output: SynthOutput,
+) -> SynthStats:
+    """Rejection sampling on a generation cluster (`Cluster.start_generation`): a batch is one
+    full share per rollout worker (rollout.max_batch_prompts questions each)."""
+    from gmai_rl.cluster.cluster import Cluster
+    from gmai_rl.cluster.session import ray_session
+
+    batch = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
+    with ray_session(cfg):
+        cluster = Cluster.start_generation(cfg)
+        try:
+            batches = rejection_sample(
+                cluster.generate, items, sampling, system, filters, batch, score=cluster.score
+            )
+            return write_all(batches, output, cfg.dashboards, len(items))
+        finally:
+            cluster.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,3 +109,18 @@ def test_synth_writes_what_it_kept(tiny_model_dir, synthetic_dir, tmp_path, caps
     )
     assert "from 4 samples" in capsys.readouterr().out
     assert out.exists()  # a random model rarely answers in format; the file may be empty
+
+
+def test_synth_on_ray_samples_what_one_process_samples(tiny_model_dir, synthetic_dir, tmp_path):
+    """The HF engine seeds each generate call: with the same batches (--batch-size = the workers'
+    rollout.max_batch_prompts) the cluster's samples are the one process's, question for
+    question."""
+    args = ["synth", "--model", tiny_model_dir, "--data", str(synthetic_dir / "train.jsonl")]
+    args += ["--max-items", "8", "--k", "2", "--max-new-tokens", "8", "--seed", "3"]
+    one, ray = tmp_path / "one.jsonl", tmp_path / "ray.jsonl"
+    assert main([*args, "--out", str(one), "--batch-size", "2"]) == 0
+    workers = ["cluster.rollout_workers=2", "rollout.max_batch_prompts=2"]
+    assert main([*args, "--out", str(ray), "--ray", *workers]) == 0
+    done = [p.with_name(p.name + ".done.jsonl").read_text() for p in (one, ray)]
+    assert done[0] == done[1] and len(done[0].splitlines()) == 8
+    assert one.read_text() == ray.read_text()
