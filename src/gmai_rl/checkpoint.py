@@ -93,7 +93,7 @@ class DriverState:
     """What the driver needs to continue a run exactly where a checkpoint left it."""
 
     step: int
-    """RL steps completed."""
+    """RL steps completed (in this round)."""
     policy_version: int
     """The rollout workers' policy version after the step's weight sync."""
     sampler: dict[str, Any]
@@ -104,6 +104,12 @@ class DriverState:
     """The held-out evaluation before RL."""
     during_rl: list[dict[str, Any]] = field(default_factory=list)
     """The periodic evaluations so far."""
+    round: int = 1
+    """The round these steps belong to (`trainer.rounds`)."""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    """What each earlier round's evaluations and synth gave."""
+    synth: dict[str, Any] = field(default_factory=dict)
+    """What this round's rejection sampling kept (rounds after the first)."""
 
     def write(self, folder: Path) -> None:
         (folder / "driver.json").write_text(json.dumps(asdict(self)))

@@ -272,6 +272,31 @@ class SFTConfig:
 
 
 @dataclass
+class SynthConfig:
+    """Rejection sampling in the rounds after the first (`trainer.rounds`, gmai_rl.synth): the
+    policy samples k traces per question of the train split on the rollout workers, the reward
+    workers score them, the finished, well-formed, correct, distinct ones become SFT data."""
+
+    k: int = 4
+    """Samples per question."""
+    keep_per_question: int = 1
+    """Distinct kept traces per question, at most."""
+    temperature: float = 1.0
+    """Sampling temperature of the traces."""
+    max_new_tokens: int | None = None
+    """Longer traces are rejected (too_long); null: rollout.max_new_tokens."""
+    min_accuracy: float = 0.0
+    """Keep a question's traces only when its group's accuracy is at least this..."""
+    max_accuracy: float = 1.0
+    """... and at most this (below 1: only questions the policy gets wrong sometimes)."""
+    max_items: int | None = None
+    """Questions sampled per round (the train split's first, in order); null: all of them."""
+    sft_steps: int | None = None
+    """Optimizer steps of the round's SFT on the kept traces (sft.batch_size, sft.optim);
+    null: sft.steps."""
+
+
+@dataclass
 class SyncConfig:
     bucket_mb: int = 256
     """Flat broadcast buckets of at most this size."""
@@ -346,6 +371,12 @@ class TrainerConfig:
     steps: int = 120
     """RL training steps (each: generate, reward, train, sync). The demo's 120 keep a fresh
     machine under 10 min; 150 reach ~100% held-out accuracy on seeds 0-2."""
+    rounds: int = 1
+    """The paper's iterative recipe as one run: round 1 is the SFT cold start (sft.enabled) and
+    trainer.steps of RL; each later round rejection-samples traces from the policy (`synth`),
+    fine-tunes the policy on the kept ones (it continues from the current weights), then runs
+    trainer.steps of RL again. Every round is evaluated before and after its RL; its data and
+    evaluation go to <output_dir>/round-<r>/, its records carry "round"."""
     eval_every: int = 100
     """Evaluate every N steps (0: only before and after RL)."""
     save_every: int = 50
@@ -452,6 +483,7 @@ class TrainConfig:
     optim: OptimOptions = field(default_factory=OptimOptions)
     """The RL stage's optimizer schedule."""
     sft: SFTConfig = field(default_factory=SFTConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -147,6 +147,21 @@ def _reward(cfg: TrainConfig) -> list[str]:
     return errors
 
 
+def _rounds(cfg: TrainConfig) -> list[str]:
+    t, s, errors = cfg.trainer, cfg.synth, []
+    if t.rounds < 1:
+        errors.append(f"trainer.rounds={t.rounds} must be >= 1")
+    if t.rounds > 1:
+        if s.k < 1 or s.keep_per_question < 1:
+            errors.append("synth.k and synth.keep_per_question must be >= 1")
+        if not 0 <= s.min_accuracy <= s.max_accuracy <= 1:
+            errors.append(
+                f"synth.min_accuracy={s.min_accuracy}, synth.max_accuracy={s.max_accuracy}: "
+                "need 0 <= min <= max <= 1"
+            )
+    return errors
+
+
 def _benchmarks(cfg: TrainConfig) -> list[str]:
     from gmai_rl.benchmarks.loaders import BENCHMARKS
     from gmai_rl.reward.plugins import plugin_path_parts
@@ -242,6 +257,7 @@ CHECKS: tuple[Callable[[TrainConfig], list[str]], ...] = (
     _cluster_size,
     _batch_shape,
     _sft,
+    _rounds,
     _benchmarks,
 )
 """Every cross-field check, in the order their errors are listed: by section of the config."""

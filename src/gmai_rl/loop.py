@@ -14,11 +14,12 @@ phases show their progress (gmai_rl.progress).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,20 @@ class Run:
     """The checkpoint the run continues (`trainer.resume`), if any..."""
     resumed: DriverState | None = None
     """... and the driver's state in it."""
+    round: int = 1
+    """The round being run (`trainer.rounds`)."""
+    synth: dict[str, Any] = field(default_factory=dict)
+    """What the round's rejection sampling kept (rounds after the first)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """A record to the dashboards, with its round when the run has several."""
+        if self.cfg.trainer.rounds > 1:
+            record = {**record, "round": self.round}
+        self.dashboards.write(record)
+
+    def global_step(self, step: int) -> int:
+        """RL steps done over the rounds when `step` are done in this one."""
+        return (self.round - 1) * self.cfg.trainer.steps + step
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -121,29 +136,144 @@ def run_on_cluster(
 
 
 def train(run: Run, setup: dict[str, Any]) -> dict[str, Any]:
-    """The stages on a started cluster; returns what eval.json holds."""
-    cfg, cluster, resume = run.cfg, run.cluster, run.resume_from
+    """The rounds on a started cluster; returns what eval.json holds (the first round's
+    evaluation before RL, the last round's after, and with several rounds each round's)."""
+    cfg, cluster, resume, resumed = run.cfg, run.cluster, run.resume_from, run.resumed
     result: dict[str, Any] = {"output_dir": str(run.out)}
-    if run.resumed is not None and resume is not None:
+    rounds: list[dict[str, Any]] = []
+    if resumed is not None and resume is not None:
         restore_start = time.perf_counter()
-        cluster.restore_state(str(resume), run.resumed.policy_version)
+        cluster.restore_state(str(resume), resumed.policy_version)
         restore_s = time.perf_counter() - restore_start
-        log.info("resumed from %s after RL step %d (%.1f s)", resume, run.resumed.step, restore_s)
-        resumed = {"resumed_from": str(resume), "resumed_step": run.resumed.step}
-        run.dashboards.write({**setup, **resumed, "restore_seconds": restore_s})
-        result["before_rl"] = run.resumed.before_rl
+        log.info(
+            "resumed from %s after RL step %d of round %d (%.1f s)",
+            resume,
+            resumed.step,
+            resumed.round,
+            restore_s,
+        )
+        info = {"resumed_from": str(resume), "resumed_step": resumed.step}
+        run.dashboards.write({**setup, **info, "restore_seconds": restore_s})
+        rounds, run.round = list(resumed.rounds), resumed.round
+        if resumed.step == cfg.trainer.steps and resumed.round < cfg.trainer.rounds:
+            # The round ended with its checkpoint; its evaluation after RL was not kept.
+            rounds.append(finish_round(run, resumed.before_rl, resumed.during_rl, resumed.synth))
+            run.round, run.resumed = resumed.round + 1, None
     else:
         run.dashboards.write(setup)
-        if cfg.sft.enabled:
-            run_sft(run)
-            cluster.sync_weights(cfg.sync.verify)
-        result["before_rl"] = evaluate_and_record(run, "before_rl", 0)
-    result["during_rl"] = run_rl(run, result["before_rl"])
-    result["after_rl"] = evaluate_and_record(run, "after_rl", cfg.trainer.steps)
+    while run.round <= cfg.trainer.rounds:
+        rounds.append(run_round(run, rounds))
+        run.round, run.resumed = run.round + 1, None
+    result["before_rl"] = rounds[0]["before_rl"]
+    result["during_rl"] = rounds[-1]["during_rl"]
+    result["after_rl"] = rounds[-1]["after_rl"]
+    if cfg.trainer.rounds > 1:
+        result["rounds"] = rounds
     if cfg.trainer.save_final:
         cluster.save(str(run.out / "final"))
         result["checkpoint"] = str(run.out / "final")
     return result
+
+
+def run_round(run: Run, rounds_done: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """One round: its SFT (round 1: the cold start on data.sft; later rounds: on the traces the
+    policy's rejection sampling kept), the evaluation before RL, RL, the evaluation after; or the
+    rest of it from a checkpoint taken inside its RL."""
+    cfg, resumed = run.cfg, run.resumed
+    if resumed is not None:
+        before_rl, run.synth = resumed.before_rl, resumed.synth
+    else:
+        run.synth = {}
+        if run.round > 1:
+            run.synth, items = synthesize(run)
+            run_sft(run, items, cfg.synth.sft_steps or cfg.sft.steps)
+            run.cluster.sync_weights(cfg.sync.verify)
+        elif cfg.sft.enabled:
+            run_sft(run, run.data.sft, cfg.sft.steps)
+            run.cluster.sync_weights(cfg.sync.verify)
+        before_rl = evaluate_and_record(run, "before_rl", run.global_step(0))
+    during_rl = run_rl(run, before_rl, rounds_done)
+    return finish_round(run, before_rl, during_rl, run.synth)
+
+
+def finish_round(
+    run: Run, before_rl: dict[str, Any], during_rl: list[dict[str, Any]], synth: dict[str, Any]
+) -> dict[str, Any]:
+    """The round's evaluation after RL, and its record (also in round-<r>/eval.json)."""
+    after_rl = evaluate_and_record(run, "after_rl", run.global_step(run.cfg.trainer.steps))
+    done = {
+        "round": run.round,
+        "synth": synth,
+        "before_rl": before_rl,
+        "during_rl": during_rl,
+        "after_rl": after_rl,
+    }
+    if run.cfg.trainer.rounds > 1:
+        folder = run.out / f"round-{run.round}"
+        folder.mkdir(exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps(done, indent=2))
+    return done
+
+
+def synthesize(run: Run) -> tuple[dict[str, Any], list[MCQItem]]:
+    """Rejection sampling by the current policy on the cluster (gmai_rl.synth) into
+    round-<r>/synth.jsonl, resumed if a checkpoint's restart cut it off; (its counts, the kept
+    traces as SFT items)."""
+    from gmai_rl.data import load_mcq_jsonl
+    from gmai_rl.rejection import Filters, SynthOutput, file_sha256, rejection_sample, write_all
+
+    cfg, s = run.cfg, run.cfg.synth
+    filters = Filters(s.k, s.keep_per_question, s.min_accuracy, s.max_accuracy)
+    sampling = SamplingParams(
+        s.temperature, 1.0, s.max_new_tokens or cfg.rollout.max_new_tokens, seed=cfg.trainer.seed
+    )
+    out = run.out / f"round-{run.round}" / "synth.jsonl"
+    provenance = {
+        "model": cfg.model.path,
+        "round": run.round,
+        "policy_version": run.cluster.version,
+        "data": cfg.data.train,
+        "data_sha256": file_sha256(cfg.data.train),
+        "sampling": dataclasses.asdict(sampling),
+        "filters": dataclasses.asdict(filters),
+        "max_items": s.max_items,
+        "system_prompt": cfg.data.system_prompt,
+    }
+    output = SynthOutput(out, provenance)
+    asked = run.data.train[: s.max_items]
+    todo = [item for item in asked if item.id not in output.done]
+    start = time.perf_counter()
+    batch = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
+    batches = rejection_sample(
+        run.cluster.generate,
+        todo,
+        sampling,
+        cfg.data.system_prompt,
+        filters,
+        batch,
+        score=run.cluster.score,
+    )
+    stats = write_all(batches, output, cfg.dashboards, len(todo))
+    items = load_mcq_jsonl(out) if out.stat().st_size else []
+    counts = {
+        "questions": len(asked),
+        "kept": len(items),
+        "questions_with_a_trace": len({i.id.rsplit("-synth", 1)[0] for i in items}),
+        "rejected": dict(stats.rejected),
+        "filtered": dict(stats.filtered),
+    }
+    run.write(
+        {
+            "stage": "synth",
+            "step": run.global_step(0),
+            **counts,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    log.info("round %d: %s -> %s", run.round, stats.line(), out)
+    if not items:
+        log.warning("round %d: rejection sampling kept no trace: no SFT this round", run.round)
+    return counts, items
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
@@ -188,18 +318,19 @@ def preflight(cfg: TrainConfig, data: Datasets) -> None:
 # -------------------------------------------------------------------------------------- sft
 
 
-def run_sft(run: Run) -> None:
-    """Cross-entropy on reference reasoning traces (the paper's cold start)."""
+def run_sft(run: Run, items: Sequence[MCQItem], steps: int) -> None:
+    """Cross-entropy on reference reasoning traces: the paper's cold start (data.sft), or a
+    later round's rejection-sampled traces."""
     from gmai_rl.models.loading import load_processor, tokenizer_of
 
     cfg = run.cfg
+    if not items:
+        return
     tokenizer = tokenizer_of(load_processor(cfg.model))
-    sampler = ItemSampler(
-        sft_samples(run.data.sft, tokenizer, cfg.data.system_prompt), cfg.trainer.seed
-    )
-    run.cluster.start_stage(cfg.sft_optim)
-    with Progress.of(cfg.dashboards, "sft", cfg.sft.steps, unit="step") as bar:
-        for step in range(cfg.sft.steps):
+    sampler = ItemSampler(sft_samples(items, tokenizer, cfg.data.system_prompt), cfg.trainer.seed)
+    run.cluster.start_stage(cfg.sft.optim.for_stage(steps))
+    with Progress.of(cfg.dashboards, "sft", steps, unit="step") as bar:
+        for step in range(steps):
             start = time.perf_counter()
             record = {
                 "stage": "sft",
@@ -207,13 +338,13 @@ def run_sft(run: Run) -> None:
                 **run.cluster.train_sft(sampler.take(cfg.sft.batch_size)),
                 "seconds": time.perf_counter() - start,
             }
-            run.dashboards.write(record)
+            run.write(record)
             bar.update(loss=record["sft_loss"])
-            if step % 10 == 0 or step == cfg.sft.steps - 1:
+            if step % 10 == 0 or step == steps - 1:
                 log.info(
                     "sft %d/%d | loss %.4f | lr %.2e",
                     step + 1,
-                    cfg.sft.steps,
+                    steps,
                     record["sft_loss"],
                     record["lr"],
                 )
@@ -222,14 +353,17 @@ def run_sft(run: Run) -> None:
 # --------------------------------------------------------------------------------------- rl
 
 
-def run_rl(run: Run, before_rl: dict[str, Any]) -> list[dict[str, Any]]:
+def run_rl(
+    run: Run, before_rl: dict[str, Any], rounds_done: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """`trainer.steps` RL steps with periodic evaluation and checkpoints; returns the evaluations.
 
     From a checkpoint the learners already hold their stage, schedule position and KL
     reference, and the item order continues where it stopped.
     """
     cfg, resumed = run.cfg, run.resumed
-    sampler = ItemSampler(run.data.train, cfg.trainer.seed)
+    # Each round draws its own order of the train split (round 1's is the seed's).
+    sampler = ItemSampler(run.data.train, cfg.trainer.seed + 7919 * (run.round - 1))
     history: list[dict[str, Any]] = []
     if resumed is None:
         # The KL reference (if any) is the policy RL starts from, i.e. after the SFT cold start.
@@ -247,7 +381,7 @@ def run_rl(run: Run, before_rl: dict[str, Any]) -> list[dict[str, Any]]:
             bar.advance_to(first)
         for step in range(first, steps):
             record = step_metrics(step, pipeline.step(step))
-            run.dashboards.write(record)
+            run.write({**record, "step": run.global_step(step)})
             log.info(progress_line(record, steps))
             bar.update(reward=record["reward_mean"], acc=record["accuracy"])
             if step == first:
@@ -258,9 +392,9 @@ def run_rl(run: Run, before_rl: dict[str, Any]) -> list[dict[str, Any]]:
             if (
                 evaluates
                 and done < steps
-                and (evaluation := evaluate_and_record(run, "during_rl", done))
+                and (evaluation := evaluate_and_record(run, "during_rl", run.global_step(done)))
             ):
-                history.append({"step": done, **evaluation})
+                history.append({"step": run.global_step(done), **evaluation})
             every = cfg.trainer.save_every
             if every and (done % every == 0 or done == steps):
                 state = DriverState(
@@ -270,15 +404,21 @@ def run_rl(run: Run, before_rl: dict[str, Any]) -> list[dict[str, Any]]:
                     run.dashboards.jsonl.lines,
                     before_rl,
                     history,
+                    run.round,
+                    list(rounds_done),
+                    run.synth,
                 )
-                save_checkpoint(run.cluster, cfg, state)
+                save_checkpoint(run.cluster, cfg, state, run.global_step(done))
     return history
 
 
-def save_checkpoint(cluster: TrainingCluster, cfg: TrainConfig, state: DriverState) -> Path:
-    """Write a resumable checkpoint atomically (gmai_rl.checkpoint), keep the newest ones."""
+def save_checkpoint(
+    cluster: TrainingCluster, cfg: TrainConfig, state: DriverState, step: int | None = None
+) -> Path:
+    """Write a resumable checkpoint atomically (gmai_rl.checkpoint), keep the newest ones; it is
+    named by `step`, the RL steps done over the rounds (default: the state's)."""
     root = checkpoint_root(cfg.trainer.output_dir)
-    partial = begin(root, state.step)
+    partial = begin(root, state.step if step is None else step)
     start = time.perf_counter()
     cluster.save_state(str(partial))
     state.write(partial)
@@ -303,18 +443,14 @@ def evaluate_and_record(run: Run, phase: str, step: int) -> dict[str, Any]:
     evaluation = evaluate(run.cluster, run.data.eval, run.cfg)
     if evaluation:
         seconds = time.perf_counter() - start
-        run.dashboards.write(
-            {"stage": "eval", "phase": phase, "step": step, **evaluation, "seconds": seconds}
-        )
+        run.write({"stage": "eval", "phase": phase, "step": step, **evaluation, "seconds": seconds})
     log.info("held-out %s: %s", EVAL_LOG[phase].format(step=step), eval_line(evaluation))
     if run.data.benchmarks:
         start = time.perf_counter()
         benchmarks = evaluate_on_benchmarks(run.cluster, run.data.benchmarks, run.cfg)
         metrics = {k.removeprefix("bench/"): v for k, v in flat_metrics(benchmarks).items()}
         seconds = time.perf_counter() - start
-        run.dashboards.write(
-            {"stage": "bench", "phase": phase, "step": step, **metrics, "seconds": seconds}
-        )
+        run.write({"stage": "bench", "phase": phase, "step": step, **metrics, "seconds": seconds})
         for name, bench in benchmarks.items():
             log.info("%s %s", EVAL_LOG[phase].format(step=step), benchmark_line(name, bench))
         evaluation = {**evaluation, "benchmarks": benchmarks}

@@ -317,6 +317,30 @@ def benchmark_table(before: Record, after: Record) -> list[str]:
     return lines
 
 
+def rounds_table(rounds: Sequence[Record]) -> list[str]:
+    """One row per round: what its rejection sampling kept, held-out accuracy before and after
+    its RL."""
+
+    def pct(evaluation: Record | None) -> str:
+        value: Any = (evaluation or {}).get("accuracy")
+        return f"{100 * value:.1f}%" if _finite(value) else "–"
+
+    lines = [
+        "| round | SFT data | before RL | after RL |",
+        "|---:|---|---:|---:|",
+    ]
+    for r in rounds:
+        synth = r.get("synth") or {}
+        data = (
+            f"{synth['kept']} traces kept for {synth['questions_with_a_trace']} of "
+            f"{synth['questions']} questions"
+            if synth
+            else "the cold start (data.sft)"
+        )
+        lines.append(f"| {r['round']} | {data} | {pct(r['before_rl'])} | {pct(r['after_rl'])} |")
+    return lines
+
+
 def report_markdown(
     title: str,
     summary: Sequence[tuple[str, str]],
@@ -339,6 +363,8 @@ def report_markdown(
         lines.append("No held-out evaluation (data.eval is null).")
     if any(benchmarks):
         lines += ["", "## Medical benchmarks", "", *benchmark_table(*benchmarks)]
+    if result.get("rounds"):
+        lines += ["", "## Rounds", "", *rounds_table(result["rounds"])]
     rl = by_stage(records, "rl")
     if rl:
         first, last = rl[0], rl[-1]

@@ -4,7 +4,8 @@
           -> models, sync transport
           -> actors (rollout, learner, reward worker) -> config -> its cross-field checks
           -> cluster, Ray metrics -> progress
-          -> driver support (feed, metrics, evaluate, plan) -> a step's batch (batches)
+          -> driver support (feed, metrics, evaluate, rejection sampling, plan) -> a step's
+          batch (batches)
           -> run outputs (dashboards, report) -> the step (pipeline) -> the run (loop)
           -> entry points (train, synth) -> cli
 
@@ -38,7 +39,7 @@ LAYERS: list[list[str]] = [
     ["config_checks"],
     ["cluster", "ray_metrics"],
     ["progress"],
-    ["feed", "metrics", "evaluate", "plan", "checkpoint"],
+    ["feed", "metrics", "evaluate", "plan", "checkpoint", "rejection"],
     ["batches"],
     ["dashboards", "report"],
     ["pipeline"],

@@ -231,3 +231,58 @@ def test_count_records_counts_non_blank_lines(tmp_path):
     path.write_text('{"a": 1}\n\n  \n{"a": 2}\n')
     assert count_records(str(path)) == 2
     assert count_records(str(tmp_path / "missing.jsonl")) is None
+
+
+class TraceCluster(FakeCluster):
+    """Answers like a policy that reasons: even samples right, odd ones wrong; scored by the MCQ
+    rule, as the reward workers score by default."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            version, answer=lambda p, k: f"<think>look {k}</think><answer>{'AB'[k % 2]}</answer>"
+        )
+
+    def score(self, groups, items):
+        from gmai_rl.rejection import mcq_breakdowns
+
+        self.record("score")
+        mcq_breakdowns(groups, items)
+
+
+def test_a_later_round_fine_tunes_on_its_rejection_sampled_traces_then_runs_rl(
+    tiny_model_dir, tmp_path
+):
+    from gmai_rl.loop import run_round
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("{}\n")  # hashed into the provenance
+    cfg = train_config(
+        f"model.path={tiny_model_dir}",
+        f"data.train={train}",
+        "trainer.rounds=2",
+        "trainer.steps=1",
+        "trainer.save_every=0",
+        "synth.k=4",
+        "synth.keep_per_question=2",
+        "synth.sft_steps=3",
+        "sft.batch_size=2",
+        "algo.prompts_per_step=2",
+        "rollout.samples_per_prompt=2",
+        "algo.accuracy_filter=false",
+    )
+    items = [item(i) for i in range(3)]
+    cluster, dashboards = TraceCluster(7), RecordingDashboards()
+    run = Run(cfg, Datasets(train=items), tmp_path, dashboards, cluster, round=2)
+    done = run_round(run)
+    # Two distinct right traces kept per question ("look 0", "look 2"), written as SFT records.
+    kept = (tmp_path / "round-2" / "synth.jsonl").read_text().splitlines()
+    assert len(kept) == 6 and done["synth"]["kept"] == 6
+    assert done["synth"]["rejected"] == {"wrong_answer": 6}
+    calls = cluster.calls()
+    sft_at, sync_at = calls.index("train_sft"), calls.index("sync")
+    assert calls[:2] == ["generate", "score"] and sft_at < sync_at < calls.index("train")
+    assert cluster.sft_batches == [2, 2, 2]  # synth.sft_steps of sft.batch_size
+    stages = [(r["stage"], r["round"]) for r in dashboards.records]
+    assert stages[0] == ("synth", 2) and ("sft", 2) in stages and ("rl", 2) in stages
+    rl = [r for r in dashboards.records if r["stage"] == "rl"]
+    assert [r["step"] for r in rl] == [1]  # RL steps counted over the rounds

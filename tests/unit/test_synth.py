@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from gmai_rl.data import load_mcq_jsonl
-from gmai_rl.synth import (
+from gmai_rl.rejection import (
     Filters,
     SynthOutput,
     SynthStats,
