@@ -50,6 +50,15 @@ RECIPES = {
         "trainer.steps": 200,
         "trainer.eval_every": 50,
     },
+    # conf/experiment/demo_rounds.yaml: the demo in two rounds (its header says how).
+    "demo_rounds": {
+        "trainer.rounds": 2,
+        "trainer.steps": 60,
+        "trainer.eval_every": 0,
+        "synth.k": 4,
+        "synth.max_items": 512,
+        "synth.sft_steps": 40,
+    },
 }
 
 
