@@ -14,7 +14,6 @@ phases show their progress (gmai_rl.progress).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -220,7 +219,7 @@ def synthesize(run: Run) -> tuple[dict[str, Any], list[MCQItem]]:
     round-<r>/synth.jsonl, resumed if a checkpoint's restart cut it off; (its counts, the kept
     traces as SFT items)."""
     from gmai_rl.data import load_mcq_jsonl
-    from gmai_rl.rejection import Filters, SynthOutput, file_sha256, rejection_sample, write_all
+    from gmai_rl.rejection import Filters, SynthOutput, provenance, rejection_sample, write_all
 
     cfg, s = run.cfg, run.cfg.synth
     filters = Filters(s.k, s.keep_per_question, s.min_accuracy, s.max_accuracy)
@@ -228,18 +227,17 @@ def synthesize(run: Run) -> tuple[dict[str, Any], list[MCQItem]]:
         s.temperature, 1.0, s.max_new_tokens or cfg.rollout.max_new_tokens, seed=cfg.trainer.seed
     )
     out = run.out / f"round-{run.round}" / "synth.jsonl"
-    provenance = {
-        "model": cfg.model.path,
-        "round": run.round,
-        "policy_version": run.cluster.version,
-        "data": cfg.data.train,
-        "data_sha256": file_sha256(cfg.data.train),
-        "sampling": dataclasses.asdict(sampling),
-        "filters": dataclasses.asdict(filters),
-        "max_items": s.max_items,
-        "system_prompt": cfg.data.system_prompt,
-    }
-    output = SynthOutput(out, provenance)
+    made = provenance(
+        cfg.model.path,
+        run.cluster.version,
+        cfg.data.train,
+        sampling,
+        filters,
+        s.max_items,
+        cfg.data.system_prompt,
+        round=run.round,
+    )
+    output = SynthOutput(out, made)
     asked = run.data.train[: s.max_items]
     todo = [item for item in asked if item.id not in output.done]
     start = time.perf_counter()

@@ -25,7 +25,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,6 +191,30 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def provenance(
+    model: str,
+    policy_version: int,
+    data: str,
+    sampling: SamplingParams,
+    filters: Filters,
+    max_items: int | None,
+    system_prompt: str | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """What an output's traces came from (`<out>.provenance.json`): a resume must match it."""
+    return {
+        "model": model,
+        "policy_version": policy_version,
+        "data": str(Path(data).resolve()),
+        "data_sha256": file_sha256(data),
+        "max_items": max_items,
+        "sampling": asdict(sampling),
+        "filters": asdict(filters),
+        "system_prompt": system_prompt,
+        **more,
+    }
 
 
 class SynthOutput:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gmai_rl.rejection import (
     Filters,
     SynthOutput,
     SynthStats,
-    file_sha256,
+    provenance,
     rejection_sample,
     write_all,
 )
@@ -77,18 +75,18 @@ def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | 
     filters = Filters(args.k, args.keep_per_question, args.min_accuracy, args.max_accuracy)
     system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
     sampling = SamplingParams(args.temperature, args.top_p, args.max_new_tokens, seed=args.seed)
-    provenance = {
-        "model": str(args.model),
-        "policy_version": 0,  # the checkpoint's own weights: a synth pushes none
-        "data": str(Path(args.data).resolve()),
-        "data_sha256": file_sha256(args.data),
-        "max_items": args.max_items,
-        "sampling": asdict(sampling),
-        "filters": asdict(filters),
-        "system_prompt": system,
-        "generated_by": "ray" if args.ray is not None else "one process (HF)",
-    }
-    output = SynthOutput(args.out, provenance)
+    # policy version 0: the checkpoint's own weights (a synth pushes none)
+    made = provenance(
+        str(args.model),
+        0,
+        args.data,
+        sampling,
+        filters,
+        args.max_items,
+        system,
+        generated_by="ray" if args.ray is not None else "one process (HF)",
+    )
+    output = SynthOutput(args.out, made)
     items = [i for i in load_mcq_jsonl(args.data)[: args.max_items] if i.id not in output.done]
 
     if args.ray is not None:
