@@ -42,8 +42,8 @@ from gmai_rl.benchmarks.formats.slake import read_slake
 from gmai_rl.benchmarks.formats.vlmeval_tsv import TsvRules, read_tsv
 from gmai_rl.benchmarks.items import BenchItem
 from gmai_rl.data.image_checks import ImageCheckCache
-from gmai_rl.data.loader import DataError, LoadReport, OnError, image_problem
-from gmai_rl.data.records import DUPLICATE_ID, RecordError
+from gmai_rl.data.loader import LoadReport, OnError, admit, image_problem
+from gmai_rl.data.records import RecordError
 
 logger = logging.getLogger(__name__)
 
@@ -189,25 +189,8 @@ def _collect(
         return image_problem(path) if cache is None else cache.check(path, image_problem)
 
     def finish(row: Row) -> None:
-        try:
-            if isinstance(row.result, RecordError):
-                raise row.result
-            bench_item = row.result
-            if bench_item.id in first_seen:
-                raise RecordError(
-                    DUPLICATE_ID,
-                    f"id {bench_item.id!r} is also used at {first_seen[bench_item.id]}",
-                )
-            for image in bench_item.images:
-                if (problem := checks[image].result()) is not None:
-                    raise problem
-        except RecordError as error:
-            data_error = DataError(row.location, error.reason, error.detail)
-            if on_error == "raise":
-                raise data_error from None
-            report.add_skip(data_error)
-        else:
-            first_seen[bench_item.id] = row.location
+        bench_item = admit(row.result, row.location, first_seen, checks, on_error, report)
+        if bench_item is not None:
             kept.append((row.order, bench_item))
 
     def ahead() -> int:

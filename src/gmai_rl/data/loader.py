@@ -29,11 +29,11 @@ import os
 import re
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from gmai_rl.data.image_checks import ImageCheckCache
 from gmai_rl.data.records import (
@@ -377,24 +377,11 @@ def _collect(
     window: deque[tuple[_RawRecord, MCQItem | RecordError]] = deque()
 
     def finish(raw: _RawRecord, parsed: MCQItem | RecordError) -> None:
-        try:
-            if isinstance(parsed, RecordError):
-                raise parsed
-            if parsed.id in first_seen:
-                raise RecordError(
-                    DUPLICATE_ID, f"id {parsed.id!r} is also used at {first_seen[parsed.id]}"
-                )
-            for image in parsed.images if check_images else ():
-                if (problem := checks[image].result()) is not None:
-                    raise problem
-        except RecordError as error:
-            data_error = DataError(raw.location, error.reason, error.detail)
-            if on_error == "raise":
-                raise data_error from None
-            report.add_skip(data_error)
-        else:
-            first_seen[parsed.id] = raw.location
-            items.append(parsed)
+        kept = admit(
+            parsed, raw.location, first_seen, checks if check_images else None, on_error, report
+        )
+        if kept is not None:
+            items.append(kept)
         if on_record is not None:
             on_record()
 
@@ -427,6 +414,52 @@ def _collect(
     if report.skipped_total:
         logger.warning("%s", report.summary())
     return items
+
+
+class Loaded(Protocol):
+    """What `admit` reads of a loaded record."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def images(self) -> tuple[str, ...]: ...
+
+
+L = TypeVar("L", bound=Loaded)
+
+
+def admit(
+    parsed: L | RecordError,
+    location: str,
+    first_seen: dict[str, str],
+    image_checks: Mapping[str, Future[RecordError | None]] | None,
+    on_error: OnError,
+    report: LoadReport,
+) -> L | None:
+    """A parsed record, or None when it is skipped: a parse error, an id `first_seen` has
+    (id -> location), or an image whose check (`image_checks`, started earlier; None: images not
+    checked) failed. With on_error="raise" that is a DataError naming `location`; with "skip" it
+    is counted in `report`. A record let in is added to `first_seen`."""
+    try:
+        if isinstance(parsed, RecordError):
+            raise parsed
+        if parsed.id in first_seen:
+            raise RecordError(
+                DUPLICATE_ID, f"id {parsed.id!r} is also used at {first_seen[parsed.id]}"
+            )
+        if image_checks is not None:
+            for image in parsed.images:
+                if (problem := image_checks[image].result()) is not None:
+                    raise problem
+    except RecordError as error:
+        data_error = DataError(location, error.reason, error.detail)
+        if on_error == "raise":
+            raise data_error from None
+        report.add_skip(data_error)
+        return None
+    first_seen[parsed.id] = location
+    return parsed
 
 
 def _parse(raw: _RawRecord, image_root: str) -> MCQItem | RecordError:
