@@ -185,8 +185,9 @@ def run_round(run: Run, rounds_done: Sequence[dict[str, Any]] = ()) -> dict[str,
         run.synth = {}
         if run.round > 1:
             run.synth, items = synthesize(run)
-            run_sft(run, items, cfg.synth.sft_steps or cfg.sft.steps)
-            run.cluster.sync_weights(cfg.sync.verify)
+            if items:  # else nothing to learn from: the policy goes on to RL as it is
+                run_sft(run, items, cfg.synth.sft_steps or cfg.sft.steps)
+                run.cluster.sync_weights(cfg.sync.verify)
         elif cfg.sft.enabled:
             run_sft(run, run.data.sft, cfg.sft.steps)
             run.cluster.sync_weights(cfg.sync.verify)
@@ -322,8 +323,6 @@ def run_sft(run: Run, items: Sequence[MCQItem], steps: int) -> None:
     from gmai_rl.models.loading import load_processor, tokenizer_of
 
     cfg = run.cfg
-    if not items:
-        return
     tokenizer = tokenizer_of(load_processor(cfg.model))
     sampler = ItemSampler(sft_samples(items, tokenizer, cfg.data.system_prompt), cfg.trainer.seed)
     run.cluster.start_stage(cfg.sft.optim.for_stage(steps))

@@ -91,7 +91,8 @@ def test_a_run_stopped_in_round_2_continues_from_its_checkpoint(
 
         def stop_in_round_2(self, i):
             record = step(self, i)
-            if i == 1 and self.cluster.version > 4:  # round 2 (its SFT pushed version 4)
+            # Round 1's steps leave version 3 (SFT's push, then one per step): past 4 is round 2.
+            if i == 1 and self.cluster.version > 4:
                 raise crash
             return record
 
