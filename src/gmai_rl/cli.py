@@ -15,6 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gmai_rl.config import TrainConfig
 
 
 def _make_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,18 +83,38 @@ def _plan(argv: Sequence[str]) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from gmai_rl import evaluate
+def _add_ray(parser: argparse.ArgumentParser, work: str) -> None:
+    parser.add_argument(
+        "--ray",
+        nargs="*",
+        metavar="OVERRIDE",
+        default=None,
+        help=f"{work} on a Ray cluster's workers instead (a local one, or cluster.address / "
+        "RAY_ADDRESS), set up as a training config with these hydra overrides would (e.g. "
+        "rollout=vllm cluster.rollout_workers=4 cluster.gpus_per_rollout_worker=1)",
+    )
+
+
+def _ray_config(args: argparse.Namespace) -> TrainConfig | None:
+    """The training config `--ray OVERRIDES` describes for the checkpoint --model; None without
+    --ray."""
+    if args.ray is None:
+        return None
     from gmai_rl.train import compose
 
-    return evaluate.run(args, compose)
+    return compose([*args.ray, f"model.path={args.model}", "model.build_tiny_if_missing=false"])
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gmai_rl import evaluate
+
+    return evaluate.run(args, _ray_config(args))
 
 
 def _synth(args: argparse.Namespace) -> int:
     from gmai_rl import synth
-    from gmai_rl.train import compose
 
-    return synth.run(args, compose)
+    return synth.run(args, _ray_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(run=synthetic_cli.run)
     rs = commands.add_parser("synth", help="rejection sampling into SFT records")
     synth.add_arguments(rs)
+    _add_ray(rs, "generate and score")
     rs.set_defaults(run=_synth)
     ev = commands.add_parser("eval", help="held-out accuracy of a checkpoint")
     evaluate.add_arguments(ev)
+    _add_ray(ev, "generate")
     ev.set_defaults(run=_eval)
     return parser
 

@@ -179,15 +179,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=["hf", "vllm"], default="hf", help="rollout engine (in process)"
     )
     parser.add_argument("--device", default="cpu", help="the in-process HF engine's device")
-    parser.add_argument(
-        "--ray",
-        nargs="*",
-        metavar="OVERRIDE",
-        default=None,
-        help="generate on a Ray cluster's rollout workers instead (a local one, or "
-        "cluster.address / RAY_ADDRESS), set up as a training config with these hydra overrides "
-        "would (e.g. rollout=vllm cluster.rollout_workers=4 cluster.gpus_per_rollout_worker=1)",
-    )
     parser.add_argument("--max-items", type=int, default=None, help="per file or benchmark")
     parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
     parser.add_argument("--no-system-prompt", action="store_true")
@@ -197,10 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="write the summary JSON here")
 
 
-def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | None = None) -> int:
-    """`gmai-rl eval`. `compose` builds a training config from hydra overrides (the CLI passes
-    `gmai_rl.train.compose`, an entry point's, which this module may not import): needed by
-    `--ray`."""
+def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
+    """`gmai-rl eval`; `ray`: generate on the rollout workers of a generation cluster of this
+    training config (`gmai-rl eval --ray OVERRIDES`) instead of in this process."""
     from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt, load_mcq_jsonl
     from gmai_rl.models.loading import ModelOptions
     from gmai_rl.rollout.engines import engine_spec
@@ -224,11 +214,13 @@ def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | 
             log.info("%s", benchmark_line(name, bench))
         return summary
 
-    if args.ray is not None:
-        if compose is None:
-            raise SystemExit("--ray: run it as gmai-rl eval, which reads the training configs")
-        cfg = compose([*args.ray, f"model.path={args.model}", "model.build_tiny_if_missing=false"])
-        summary = on_ray(cfg, sampling, answer)
+    if ray is not None:
+        from gmai_rl.cluster.cluster import generation_cluster
+
+        with generation_cluster(ray) as cluster:
+            summary = answer(
+                lambda prompts: generate_on_workers(cluster, prompts, sampling, ray, "eval")
+            )
     else:
         engine = engine_spec(args.backend).make(ModelOptions(args.model), args.device, 0)
 
@@ -246,24 +238,6 @@ def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | 
         with open(args.output, "w") as f:
             f.write(text + "\n")
     return 0
-
-
-def on_ray(
-    cfg: TrainConfig, sampling: SamplingParams, answer: Callable[[Generate], dict[str, Any]]
-) -> dict[str, Any]:
-    """`answer` with generation on the rollout workers of a generation cluster
-    (`Cluster.start_generation`) of the training config `cfg`."""
-    from gmai_rl.cluster.cluster import Cluster
-    from gmai_rl.cluster.session import ray_session
-
-    with ray_session(cfg):
-        cluster = Cluster.start_generation(cfg)
-        try:
-            return answer(
-                lambda prompts: generate_on_workers(cluster, prompts, sampling, cfg, "eval")
-            )
-        finally:
-            cluster.shutdown()
 
 
 def load_benchmark_args(args: argparse.Namespace) -> list[BenchItem]:

@@ -216,11 +216,17 @@ def finish_round(
 
 
 def synthesize(run: Run) -> tuple[dict[str, Any], list[MCQItem]]:
-    """Rejection sampling by the current policy on the cluster (gmai_rl.synth) into
+    """Rejection sampling by the current policy on the cluster (gmai_rl.rejection) into
     round-<r>/synth.jsonl, resumed if a checkpoint's restart cut it off; (its counts, the kept
     traces as SFT items)."""
     from gmai_rl.data import load_mcq_jsonl
-    from gmai_rl.rejection import Filters, SynthOutput, provenance, rejection_sample, write_all
+    from gmai_rl.rejection import (
+        Filters,
+        SynthOutput,
+        provenance,
+        question_id,
+        sample_on_cluster,
+    )
 
     cfg, s = run.cfg, run.cfg.synth
     filters = Filters(s.k, s.keep_per_question, s.min_accuracy, s.max_accuracy)
@@ -242,22 +248,14 @@ def synthesize(run: Run) -> tuple[dict[str, Any], list[MCQItem]]:
     asked = run.data.train[: s.max_items]
     todo = [item for item in asked if item.id not in output.done]
     start = time.perf_counter()
-    batch = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
-    batches = rejection_sample(
-        run.cluster.generate,
-        todo,
-        sampling,
-        cfg.data.system_prompt,
-        filters,
-        batch,
-        score=run.cluster.score,
+    stats = sample_on_cluster(
+        run.cluster, cfg, todo, sampling, cfg.data.system_prompt, filters, output
     )
-    stats = write_all(batches, output, cfg.dashboards, len(todo))
     items = load_mcq_jsonl(out) if out.stat().st_size else []
     counts = {
         "questions": len(asked),
         "kept": len(items),
-        "questions_with_a_trace": len({i.id.rsplit("-synth", 1)[0] for i in items}),
+        "questions_with_a_trace": len({question_id(i.id) for i in items}),
         "rejected": dict(stats.rejected),
         "filtered": dict(stats.filtered),
     }

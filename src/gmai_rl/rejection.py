@@ -34,7 +34,8 @@ from gmai_rl.reward.mcq import mcq_reward
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams
 
 if TYPE_CHECKING:
-    from gmai_rl.config import DashboardsConfig
+    from gmai_rl.cluster.protocol import TrainingCluster
+    from gmai_rl.config import DashboardsConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ def check_breakdowns(groups: Sequence[Group]) -> None:
 
 def group_accuracy(group: Group) -> float:
     return sum(r["accuracy"] for r in group.rewards) / max(len(group.rewards), 1)
+
+
+def question_id(record_id: str) -> str:
+    """The question an SFT record was made from, by the record's id (`sft_record`)."""
+    return record_id.rsplit("-synth", 1)[0]
 
 
 def sft_record(item: MCQItem, trace: str, index: int) -> dict[str, Any]:
@@ -249,7 +255,7 @@ class SynthOutput:
             done = {json.loads(line)["id"] for line in self.done_file.read_text().splitlines()}
         if self.out.exists():  # drop the traces of a batch cut off before it was listed done
             lines = self.out.read_text().splitlines(keepends=True)
-            kept = [x for x in lines if json.loads(x)["id"].rsplit("-synth", 1)[0] in done]
+            kept = [x for x in lines if question_id(json.loads(x)["id"]) in done]
             if len(kept) != len(lines):
                 log.warning(
                     "%s: dropped %d trace(s) of an unfinished batch",
@@ -296,3 +302,21 @@ def write_all(
             output.append(records, done)
             bar.update(len(batch), kept=stats.kept)
     return stats
+
+
+def sample_on_cluster(
+    cluster: TrainingCluster,
+    cfg: TrainConfig,
+    items: Sequence[MCQItem],
+    sampling: SamplingParams,
+    system_prompt: str | None,
+    filters: Filters,
+    output: SynthOutput,
+) -> SynthStats:
+    """Rejection sampling on `cluster`'s rollout workers, scored by its reward workers, into
+    `output`: a batch is one full share per rollout worker (rollout.max_batch_prompts each)."""
+    batch = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
+    batches = rejection_sample(
+        cluster.generate, items, sampling, system_prompt, filters, batch, score=cluster.score
+    )
+    return write_all(batches, output, cfg.dashboards, len(items))

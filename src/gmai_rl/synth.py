@@ -14,18 +14,18 @@ The output is GMAI-Reasoning10K `reasoning_mcq_sft` JSONL (absolute image paths)
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gmai_rl.rejection import (
     Filters,
     SynthOutput,
-    SynthStats,
     provenance,
     rejection_sample,
+    sample_on_cluster,
     write_all,
 )
-from gmai_rl.types import MCQItem, SamplingParams
+from gmai_rl.types import SamplingParams
 
 if TYPE_CHECKING:
     from gmai_rl.config import TrainConfig
@@ -57,19 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=32, help="questions per batch (one process)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--ray",
-        nargs="*",
-        metavar="OVERRIDE",
-        default=None,
-        help="generate on a Ray cluster's rollout workers and score on its reward workers, set "
-        "up as a training config with these hydra overrides would",
-    )
 
 
-def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | None = None) -> int:
-    """`gmai-rl synth`. `compose` builds a training config from hydra overrides (the CLI passes
-    `gmai_rl.train.compose`): needed by `--ray`."""
+def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
+    """`gmai-rl synth`; `ray`: generate and score on a generation cluster of this training
+    config (`gmai-rl synth --ray OVERRIDES`) instead of in this process."""
     from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, load_mcq_jsonl
 
     filters = Filters(args.k, args.keep_per_question, args.min_accuracy, args.max_accuracy)
@@ -84,16 +76,16 @@ def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | 
         filters,
         args.max_items,
         system,
-        generated_by="ray" if args.ray is not None else "one process (HF)",
+        generated_by="ray" if ray is not None else "one process (HF)",
     )
     output = SynthOutput(args.out, made)
     items = [i for i in load_mcq_jsonl(args.data)[: args.max_items] if i.id not in output.done]
 
-    if args.ray is not None:
-        if compose is None:
-            raise SystemExit("--ray: run it as gmai-rl synth, which reads the training configs")
-        cfg = compose([*args.ray, f"model.path={args.model}", "model.build_tiny_if_missing=false"])
-        stats = on_cluster(cfg, items, sampling, system, filters, output)
+    if ray is not None:
+        from gmai_rl.cluster.cluster import generation_cluster
+
+        with generation_cluster(ray) as cluster:
+            stats = sample_on_cluster(cluster, ray, items, sampling, system, filters, output)
     else:
         from gmai_rl.config import DashboardsConfig
         from gmai_rl.models.loading import ModelOptions
@@ -108,31 +100,6 @@ def run(args: argparse.Namespace, compose: Callable[[list[str]], TrainConfig] | 
     for modality, counts in sorted(stats.by_modality.items()):
         print(f"  {modality}: {dict(counts)}")
     return 0
-
-
-def on_cluster(
-    cfg: TrainConfig,
-    items: Sequence[MCQItem],
-    sampling: SamplingParams,
-    system: str | None,
-    filters: Filters,
-    output: SynthOutput,
-) -> SynthStats:
-    """Rejection sampling on a generation cluster (`Cluster.start_generation`): a batch is one
-    full share per rollout worker (rollout.max_batch_prompts questions each)."""
-    from gmai_rl.cluster.cluster import Cluster
-    from gmai_rl.cluster.session import ray_session
-
-    batch = cfg.cluster.rollout_workers * cfg.rollout.max_batch_prompts
-    with ray_session(cfg):
-        cluster = Cluster.start_generation(cfg)
-        try:
-            batches = rejection_sample(
-                cluster.generate, items, sampling, system, filters, batch, score=cluster.score
-            )
-            return write_all(batches, output, cfg.dashboards, len(items))
-        finally:
-            cluster.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,8 @@ push. Learner ranks are not replaceable: their death stops the stage at once, na
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from gmai_rl.cluster.actors import LEARNER, REWARD, ROLLOUT, Actors
 from gmai_rl.cluster.errors import RolloutsDiedError, StageTimeoutError
 from gmai_rl.cluster.placement import contiguous_shares, plan_bundles
 from gmai_rl.cluster.recovery import Recovery, note_deaths
-from gmai_rl.cluster.session import check_resources, ready_placement_group
+from gmai_rl.cluster.session import check_resources, ray_session, ready_placement_group
 from gmai_rl.cluster.waits import IN_PLACE, Policy, died, gather
 from gmai_rl.cluster.weight_sync import WeightSync
 from gmai_rl.config import TrainConfig
@@ -404,3 +405,16 @@ class Cluster:
     def _all(self, kind: str, stage: str, method: str, *args: Any) -> list[Any]:
         """`method` on every actor of a kind; any failure ends the stage."""
         return gather(stage, self.actors.calls(kind, method, *args), self.timeout_s)
+
+
+@contextmanager
+def generation_cluster(cfg: TrainConfig) -> Iterator[Cluster]:
+    """A generation cluster of `cfg` (`Cluster.start_generation`) in a Ray session of its own
+    (`ray_session`), shut down on exit: what `gmai-rl eval --ray` and `gmai-rl synth --ray`
+    generate on."""
+    with ray_session(cfg):
+        cluster = Cluster.start_generation(cfg)
+        try:
+            yield cluster
+        finally:
+            cluster.shutdown()
