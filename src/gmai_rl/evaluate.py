@@ -91,17 +91,15 @@ Generate = Callable[[Sequence[Prompt]], list[Group]]
 def evaluate_benchmarks(
     generate: Generate,
     items: Sequence[BenchItem],
-    style: PromptStyle = PromptStyle.TRAINED,
-    system_prompt: str | None = None,
+    style: PromptStyle,
+    system_prompt: str | None,
     judge: JudgeFn | None = None,
 ) -> dict[str, Any]:
     """{benchmark: summary} of one answer per question (`benchmarks.results.summarize`), each
     with its truncation rate and the questions whose images could not be read ("dropped",
-    named in a warning and left out of n)."""
-    from gmai_rl.data.prompts import DEFAULT_SYSTEM_PROMPT
-
-    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-    groups = generate([bench_prompt(item, style, system) for item in items])
+    named in a warning and left out of n). `system_prompt`: the run's (None: none), for
+    multiple choice in the trained style."""
+    groups = generate([bench_prompt(item, style, system_prompt) for item in items])
     scored, truncated, dropped = [], Counter[str](), Counter[str]()
     for item, group in zip(items, groups, strict=True):
         if group.dropped is not None:

@@ -49,3 +49,18 @@ def test_the_harness_style_is_vlmevalkits_mcq_and_llavas_short_answer_prompt():
     )
     prompt = bench_prompt(MCQ, PromptStyle.HARNESS)
     assert [m["role"] for m in prompt.messages] == ["user"]  # no system prompt
+
+
+def test_benchmarks_are_asked_without_a_system_prompt_when_the_run_has_none():
+    from gmai_rl.evaluate import evaluate_benchmarks
+    from gmai_rl.types import Completion, Group
+
+    asked = []
+
+    def generate(prompts):
+        asked.extend(prompts)
+        return [Group(p, [1], [Completion([1], "<answer>B</answer>")], 0) for p in prompts]
+
+    summary = evaluate_benchmarks(generate, [MCQ], PromptStyle.TRAINED, None)
+    assert [m["role"] for m in asked[0].messages] == ["user"]
+    assert summary["gmai-mmbench"]["accuracy"] == 1.0
