@@ -48,7 +48,8 @@ from gmai_rl.benchmarks.items import (
     Kind,
 )
 from gmai_rl.benchmarks.loaders import BENCHMARKS, load_benchmark
-from gmai_rl.data.loader import DataError, LoadReport, OnError, load_mcq_jsonl_with_report
+from gmai_rl.data.admission import DataError, LoadReport, OnError
+from gmai_rl.data.loader import load_mcq_jsonl_with_report
 
 NAMES = ["gmai-mmbench", "omnimedvqa", "vqa-rad", "slake", "path-vqa", "pmc-vqa", "mmmu-med",
          "medxpertqa-mm", "vlmeval-mcq"]  # fmt: skip

@@ -41,8 +41,9 @@ from gmai_rl.benchmarks.formats.pmc_vqa import read_pmc_vqa
 from gmai_rl.benchmarks.formats.slake import read_slake
 from gmai_rl.benchmarks.formats.vlmeval_tsv import TsvRules, read_tsv
 from gmai_rl.benchmarks.items import BenchItem
+from gmai_rl.data.admission import LoadReport, OnError, admit
 from gmai_rl.data.image_checks import ImageCheckCache
-from gmai_rl.data.loader import LoadReport, OnError, admit, image_problem
+from gmai_rl.data.loader import image_problem
 from gmai_rl.data.records import RecordError
 
 logger = logging.getLogger(__name__)

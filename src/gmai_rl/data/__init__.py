@@ -17,9 +17,8 @@ Pure Python: importing this package imports neither torch, Ray, vLLM, DeepSpeed 
 `gmai_rl.data.synthetic`, imported on its own.
 """
 
+from gmai_rl.data.admission import DataError, LoadReport
 from gmai_rl.data.loader import (
-    DataError,
-    LoadReport,
     load_mcq_dataset,
     load_mcq_dataset_with_report,
     load_mcq_jsonl,

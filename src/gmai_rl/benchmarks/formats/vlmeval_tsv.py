@@ -47,7 +47,7 @@ from gmai_rl.benchmarks.formats.common import (
     text,
 )
 from gmai_rl.benchmarks.items import SUBJECT, BenchItem, Kind
-from gmai_rl.data.loader import DataError
+from gmai_rl.data.admission import DataError
 from gmai_rl.data.records import (
     ANSWER_NOT_IN_OPTIONS,
     BAD_ANSWER,
