@@ -240,19 +240,17 @@ def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
 
 def load_benchmark_args(args: argparse.Namespace) -> list[BenchItem]:
     """The items of each --benchmark NAME --data PATH pair, in order."""
-    from gmai_rl.benchmarks.loaders import load_benchmark
+    from gmai_rl.benchmarks.loaders import load_benchmarks
 
     if len(args.benchmark) != len(args.data):
         raise SystemExit(
             f"gmai-rl eval: {len(args.benchmark)} --benchmark but {len(args.data)} --data: give "
             "one --data (the benchmark's file or folder) after each --benchmark"
         )
-    items: list[BenchItem] = []
-    for name, path in zip(args.benchmark, args.data, strict=True):
-        loaded, report = load_benchmark(name, path, cache_dir=args.cache_dir, limit=args.max_items)
-        log.info("%s", report.summary())
-        items += loaded
-    return items
+    pairs = zip(args.benchmark, args.data, strict=True)
+    return load_benchmarks(
+        [(name, path, args.max_items) for name, path in pairs], cache_dir=args.cache_dir
+    )
 
 
 def benchmark_line(name: str, bench: dict[str, Any]) -> str:

@@ -135,20 +135,10 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
 
 def load_benchmarks(cfg: TrainConfig) -> list[BenchItem]:
     """Every `eval.benchmarks` entry's questions (bad rows as `data.on_error` says)."""
-    from gmai_rl.benchmarks.loaders import load_benchmark
+    from gmai_rl.benchmarks.loaders import load_benchmarks as load_all
 
-    items: list[BenchItem] = []
-    for source in cfg.eval.benchmarks:
-        loaded, report = load_benchmark(
-            source.name,
-            source.path,
-            cache_dir=cfg.eval.cache_dir,
-            on_error=cfg.data.on_error,
-            limit=source.max_items,
-        )
-        log.info("%s", report.summary())
-        items += loaded
-    return items
+    sources = [(b.name, b.path, b.max_items) for b in cfg.eval.benchmarks]
+    return load_all(sources, cache_dir=cfg.eval.cache_dir, on_error=cfg.data.on_error)
 
 
 def count_records(path: str) -> int | None:

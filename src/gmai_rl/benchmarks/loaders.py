@@ -166,6 +166,24 @@ def load_benchmark(
     return items, report
 
 
+def load_benchmarks(
+    sources: Iterable[tuple[str, str | os.PathLike[str], int | None]],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    on_error: OnError = "raise",
+) -> list[BenchItem]:
+    """The questions of every (name, path, limit) in order, each load's report logged: what
+    `gmai-rl eval --benchmark` and a run's `eval.benchmarks` load."""
+    items: list[BenchItem] = []
+    for name, path, limit in sources:
+        loaded, report = load_benchmark(
+            name, path, cache_dir=cache_dir, on_error=on_error, limit=limit
+        )
+        logger.info("%s", report.summary())
+        items += loaded
+    return items
+
+
 _CHECK_THREADS = min(8, os.cpu_count() or 1)
 _CHECK_WINDOW = 64 * _CHECK_THREADS
 """Rows read ahead of the one being finished: the images being checked meanwhile."""
