@@ -2,12 +2,17 @@
 
 On a GPU vLLM always runs its engine core in a process of its own; here it is made to
 (`rollout.vllm.multiprocessing=true`) and SIGKILLed, as the OOM killer or a crashed kernel would
-end it. vLLM then raises `EngineDeadError` for that call and every later one; the engine turns it
-into `EngineBrokenError`, which the cluster's waits count as the worker's death
+end it: while it generates (the call in flight must not wait forever: vLLM's synchronous client
+leaves it blocked, rollout/vllm_liveness.py wakes it) and while idle (the next call fails). vLLM
+raises `EngineDeadError` for that call and every later one; the engine turns it into
+`EngineBrokenError`, which the cluster's waits count as the worker's death
 (tests/unit/test_cluster_waits.py), so the worker is replaced as if its actor had died.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import psutil
 import pytest
@@ -19,7 +24,7 @@ from gmai_rl.rollout.options import VLLMOptions
 from gmai_rl.rollout.worker import RolloutWorker
 from gmai_rl.types import SamplingParams
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 SAMPLING = SamplingParams(1.0, 1.0, 4, seed=0)
 
@@ -35,8 +40,16 @@ def engine_core_process() -> psutil.Process:
     return cores[0]
 
 
-def test_an_engine_whose_core_process_dies_is_broken_for_good(text_model_dir, text_mcq_dir):
-    prompts = [build_prompt(item) for item in load_mcq_jsonl(text_mcq_dir / "train.jsonl")[:2]]
+def kill_once_generating(llm_engine, core: psutil.Process) -> None:
+    """SIGKILL the core as soon as requests are in flight (added, not yet finished)."""
+    deadline = time.monotonic() + 120
+    while llm_engine.get_num_unfinished_requests() == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    core.kill()
+
+
+@pytest.fixture
+def worker(text_model_dir):
     options = VLLMOptions(
         enforce_eager=True, max_model_len=1024, kv_cache_memory_mb=64, multiprocessing=True
     )
@@ -46,14 +59,36 @@ def test_an_engine_whose_core_process_dies_is_broken_for_good(text_model_dir, te
         seed=0,
         engine_kwargs={"vllm": options},
     )
-    try:
-        assert [len(g.completions) for g in worker.generate(prompts, 2, SAMPLING)] == [2, 2]
-        core = engine_core_process()
-        core.kill()
-        core.wait(timeout=60)
-        with pytest.raises(EngineBrokenError, match="engine core process died during generate"):
-            worker.generate(prompts, 2, SAMPLING)
-        with pytest.raises(EngineBrokenError, match="must be replaced"):
-            worker.generate(prompts, 2, SAMPLING)  # and every call after
-    finally:
-        worker.shutdown()
+    yield worker
+    worker.shutdown()
+
+
+@pytest.fixture
+def prompts(text_mcq_dir):
+    return [build_prompt(item) for item in load_mcq_jsonl(text_mcq_dir / "train.jsonl")[:2]]
+
+
+def test_a_core_killed_while_it_generates_breaks_the_generate_in_flight(worker, prompts):
+    assert [len(g.completions) for g in worker.generate(prompts, 2, SAMPLING)] == [2, 2]
+    core = engine_core_process()
+    killer = threading.Thread(
+        target=kill_once_generating, args=(worker.engine.llm.llm_engine, core), daemon=True
+    )
+    killer.start()
+    long = SamplingParams(1.0, 1.0, 700, seed=0)  # still generating when the kill lands
+    with pytest.raises(EngineBrokenError, match="engine core process died during generate"):
+        worker.generate(prompts, 2, long)
+    killer.join(timeout=60)
+    with pytest.raises(EngineBrokenError, match="must be replaced"):
+        worker.generate(prompts, 2, SAMPLING)  # and every call after
+
+
+def test_a_core_killed_while_idle_breaks_the_next_generate(worker, prompts):
+    assert [len(g.completions) for g in worker.generate(prompts, 2, SAMPLING)] == [2, 2]
+    core = engine_core_process()
+    core.kill()
+    core.wait(timeout=60)
+    with pytest.raises(EngineBrokenError, match="engine core process died during generate"):
+        worker.generate(prompts, 2, SAMPLING)
+    with pytest.raises(EngineBrokenError, match="must be replaced"):
+        worker.generate(prompts, 2, SAMPLING)

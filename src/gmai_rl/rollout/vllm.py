@@ -25,6 +25,7 @@ from gmai_rl.models.loading import ModelOptions, is_vision_language, load_proces
 from gmai_rl.models.tokens import stop_token_ids, vision_tokens
 from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.options import VLLMOptions
+from gmai_rl.rollout.vllm_liveness import watch_engine_core
 from gmai_rl.rollout.vllm_requests import (
     TOKENIZATION_KWARGS,
     build_request,
@@ -86,6 +87,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.llm = LLM(**args.kwargs)
+        watch_engine_core(self.llm.llm_engine.engine_core, _dead_error)
         self.policy_version = 0
         self.asleep = False
         self.weights_dropped = False
@@ -289,6 +291,12 @@ def _engine_dead(err: BaseException) -> bool:
     except ImportError:  # unit tests drive the engine with a fake `vllm.LLM`, without vLLM
         return False
     return isinstance(err, EngineDeadError)
+
+
+def _dead_error() -> BaseException:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return EngineDeadError()
 
 
 def _check_version() -> None:
