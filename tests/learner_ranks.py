@@ -54,12 +54,15 @@ class LearnerPair:
         self.ranks: list[Any] = []
 
     def build(
-        self, model_dir: str, learner: LearnerOptions, loss: LossOptions | None = None
+        self, model: str | ModelOptions, learner: LearnerOptions, loss: LossOptions | None = None
     ) -> list[Any]:
-        """The two ranks, configured as `Learner(ModelOptions(model_dir), learner, loss)`."""
+        """The two ranks, configured as `Learner(model, learner, loss)` (a folder: its
+        `ModelOptions`)."""
         import ray  # here, so that a test module can import this one before importorskip("ray")
 
-        model, loss = ModelOptions(model_dir), loss or LossOptions(kl_coef=0.0)
+        if isinstance(model, str):
+            model = ModelOptions(model)
+        loss = loss or LossOptions(kl_coef=0.0)
         if not self.ranks:
             port = find_free_port()
             self.ranks = [

@@ -102,6 +102,10 @@ class WeightSync:
             ],
             timeout,
         )
+        if self.cfg.model.lora.enabled:
+            # Every rollout worker loads the same base (model.path) the learners' adapters sit
+            # on, and the base never trains: only the adapters ever travel, from the first push.
+            self.full_plan = self.trainable_plan
 
     def plan(self) -> list[Bucket]:
         """What the next push carries: every parameter the first time (and whenever the engines

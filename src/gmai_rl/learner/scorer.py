@@ -16,6 +16,7 @@ import torch
 from gmai_rl.learner.batching import chunk
 from gmai_rl.learner.options import LearnerOptions, LossOptions
 from gmai_rl.models.inputs import EncodedPrompt, PolicyBatch, build_policy_batch
+from gmai_rl.models.lora import unwrap
 from gmai_rl.models.scoring import completion_scores, forward_replaced, packed_for
 from gmai_rl.types import TrainSample
 
@@ -63,7 +64,7 @@ class Scorer:
 
         def score(**model_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             return completion_scores(
-                engine.module,
+                unwrap(engine.module),
                 replace(batch, model_inputs=model_inputs),
                 temperature,
                 self.suppressed,
@@ -89,7 +90,7 @@ class Scorer:
         `encoded`: the prompts of the call's batch encoded so far, shared by its micro-batches
         and passes (`build_policy_batch`)."""
         batch = build_policy_batch(self.processor, micro, self.pad_id, encoded)
-        return packed_for(module, batch) if self.opts.pack_sequences else batch
+        return packed_for(unwrap(module), batch) if self.opts.pack_sequences else batch
 
     def logprobs(
         self, engine: Any, samples: Sequence[TrainSample], encoded: dict[str, EncodedPrompt]

@@ -23,6 +23,7 @@ import torch
 
 from gmai_rl.algo import logprob_mismatch, policy_loss
 from gmai_rl.learner.batching import RankBatch, chunk
+from gmai_rl.learner.lora_reference import ReferenceAdapters
 from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
 from gmai_rl.learner.rank_metrics import LOSS_TERMS, accumulate
 from gmai_rl.learner.schedule import lr_at
@@ -43,8 +44,8 @@ from gmai_rl.learner.zero import (
     weights_only_torch_loads,
 )
 from gmai_rl.models.device import rng_states, set_rng_states
-from gmai_rl.models.inputs import EncodedPrompt
-from gmai_rl.models.loading import ModelOptions, load_processor, tokenizer_of
+from gmai_rl.models.inputs import EncodedPrompt, PolicyBatch
+from gmai_rl.models.loading import ModelOptions, load_processor, merge_adapter, tokenizer_of
 from gmai_rl.models.tokens import vision_token_ids
 from gmai_rl.sync.buckets import Bucket, plan_buckets
 from gmai_rl.sync.buffers import FlatBuffers
@@ -86,9 +87,14 @@ class Learner:
         )
 
         self.engine, self.optimizer = build_policy(model, learner, world_size, self.device)
-        self.reference = (
-            build_reference(model, learner, world_size, self.device) if loss.kl_coef > 0 else None
-        )
+        # The KL reference: a second, frozen model; with LoRA, a copy of the adapters on the
+        # policy's own frozen base (`lora_reference`).
+        self.reference = None
+        self.reference_adapters: ReferenceAdapters | None = None
+        if loss.kl_coef > 0 and model.lora.enabled:
+            self.reference_adapters = ReferenceAdapters(self.engine.module)
+        elif loss.kl_coef > 0:
+            self.reference = build_reference(model, learner, world_size, self.device)
         self.optim = OptimOptions(total_steps=1)  # the default rate until start_stage
         self.optim_step = 0
         self.skipped_in_a_row = 0
@@ -114,6 +120,8 @@ class Learner:
             copy_parameters(
                 self.engine.module, self.reference.module, self.rank, self.opts.zero_stage == 3
             )
+        if reset_reference and self.reference_adapters is not None:
+            self.reference_adapters.reset()
 
     def _set_lr(self) -> float:
         o = self.optim
@@ -216,6 +224,7 @@ class Learner:
         lo = self.loss_opts
         batch = self.scorer.batch(self.engine.module, micro, encoded)
         mask = batch.completion_mask.to(self.device)  # [b, C]
+        ref_logprobs = self._reference_logprobs(batch)  # before the forward whose graph we keep
         logprobs, entropy = self.scorer.completion_scores(
             self.engine, batch, lo.temperature, with_entropy=True
         )  # [b, C] each
@@ -230,9 +239,6 @@ class Learner:
         learner_start: torch.Tensor | None = old_logprobs
         if lo.use_rollout_logprobs:
             learner_start = logprobs.detach() if on_policy else None
-        ref_logprobs = None
-        if self.reference is not None:
-            ref_logprobs = self.scorer.frozen_logprobs(self.reference, batch)
         advantages = torch.tensor([s.advantage for s in micro], device=self.device)  # [b]
         corrected = lo.behaviour_is_cap is not None
         loss, metrics = policy_loss(
@@ -269,6 +275,29 @@ class Learner:
         sums["entropy"] = float((entropy * mask).sum())
         sums["tokens"] = tokens
         return sums
+
+    def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
+        """[b, C] log-probs under the KL reference, or None without a KL term."""
+        if self.reference is not None:
+            return self.scorer.frozen_logprobs(self.reference, batch)
+        if self.reference_adapters is not None:
+            with self.reference_adapters.applied():
+                return self.scorer.frozen_logprobs(self.engine, batch)
+        return None
+
+    def reference_logprobs(self, samples: Sequence[TrainSample]) -> list[list[float]]:
+        """Each sample's completion log-probs under the KL reference (tests, diagnostics; every
+        rank calls under ZeRO-3)."""
+        rows = []
+        for micro in chunk(samples, self.opts.micro_batch_size):
+            lp = self._reference_logprobs(self.scorer.batch(self.engine.module, micro, {}))
+            if lp is None:
+                raise RuntimeError("no KL reference: algo.loss.kl_coef is 0")
+            rows += [
+                row[: len(s.completion_ids)].tolist()
+                for s, row in zip(micro, lp.cpu(), strict=True)
+            ]
+        return rows
 
     def rl_gradients(self, plan: RankBatch) -> list[tuple[str, torch.Tensor]]:
         """The full gradient of one on-policy RL mini-batch, without a step: (name, grad) on CPU.
@@ -437,11 +466,17 @@ class Learner:
 
     def save_pretrained(self, path: str) -> None:
         """Write the policy as an HF checkpoint with its processor (every rank calls; rank 0
-        writes)."""
-        state = gather_on_rank0(self.engine.module, self.rank)
-        if state is not None:
-            self.engine.module.save_pretrained(path, state_dict=state)
-            self.processor.save_pretrained(path)
+        writes). A LoRA policy is written as its adapter, in PEFT's format (its base named in
+        adapter_config.json), and with `model.lora.export_merged` also merged into its base
+        under `path`/merged."""
+        lora = self.model_opts.lora.enabled
+        state = gather_on_rank0(self.engine.module, self.rank, trainable_only=lora)
+        if state is None:
+            return
+        self.engine.module.save_pretrained(path, state_dict=state)
+        self.processor.save_pretrained(path)
+        if lora and self.model_opts.lora.export_merged:
+            merge_adapter(path, f"{path}/merged", self.model_opts)
 
     # ------------------------------------------------------------------ resumable state
 
@@ -458,7 +493,18 @@ class Learner:
         out = Path(folder) / "learner"
         out.mkdir(parents=True, exist_ok=True)
         client = {"optim": asdict(self.optim), "optim_step": self.optim_step}
-        self.engine.save_checkpoint(str(out), tag="policy", client_state=client, save_latest=False)
+        lora = self.model_opts.lora.enabled
+        # A LoRA policy's base is its model.path, unchanged: only the adapters are saved.
+        self.engine.save_checkpoint(
+            str(out),
+            tag="policy",
+            client_state=client,
+            save_latest=False,
+            exclude_frozen_parameters=lora,
+        )
+        adapters = self.reference_adapters.state() if self.reference_adapters else None
+        if adapters is not None:  # this rank's copy: its partitions under ZeRO-3
+            save_file(adapters, out / f"reference_adapters_rank{self.rank}.safetensors")
         if self.reference is not None:
             state = gather_on_rank0(self.reference.module, self.rank)
             if state is not None:
@@ -469,10 +515,16 @@ class Learner:
 
     def load_state(self, folder: str) -> None:
         """Restore what `save_state` wrote (every rank calls)."""
+        from safetensors.torch import load_file
+
         src = Path(folder) / "learner"
         with weights_only_torch_loads():
             _, client = self.engine.load_checkpoint(
-                str(src), tag="policy", load_optimizer_states=True, load_lr_scheduler_states=False
+                str(src),
+                tag="policy",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=not self.model_opts.lora.enabled,  # the base is not in it
             )
         if client is None:
             raise RuntimeError(f"learner rank {self.rank}: no policy checkpoint in {src}")
@@ -481,6 +533,9 @@ class Learner:
         self.optim, self.optim_step = OptimOptions(**optim), int(client["optim_step"])
         if self.reference is not None:
             load_on_rank0(self.reference.module, src / "reference.safetensors", self.rank)
+        if self.reference_adapters is not None:
+            adapters = src / f"reference_adapters_rank{self.rank}.safetensors"
+            self.reference_adapters.load_state(load_file(adapters) if adapters.exists() else None)
         set_rng_states(torch.load(src / f"rng_rank{self.rank}.pt", weights_only=True))
 
     def ping(self) -> int:

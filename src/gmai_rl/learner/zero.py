@@ -46,8 +46,11 @@ def _partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def gather_on_rank0(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
-    """On rank 0 every parameter of `module`, copied to the CPU; None on the other ranks.
+def gather_on_rank0(
+    module: torch.nn.Module, rank: int, trainable_only: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """On rank 0 every parameter of `module` (or every trainable one), copied to the CPU; None
+    on the other ranks.
 
     A ZeRO-3 parameter is gathered in turn (a collective every rank enters) and released before
     the next, so a rank's device holds at most one full parameter beyond its shard, and only
@@ -57,6 +60,8 @@ def gather_on_rank0(module: torch.nn.Module, rank: int) -> dict[str, torch.Tenso
 
     state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
     for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         with deepspeed.zero.GatheredParameters([param], enabled=_partitioned(param)):
             if state is not None:
                 state[name] = param.detach().to("cpu", copy=True)

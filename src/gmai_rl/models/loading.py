@@ -8,9 +8,10 @@ rest of the project only needs to know `is_vision_language(processor)`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gmai_rl.models.lora import LoraOptions, adapter_base, load_adapter, with_lora
 from gmai_rl.types import StrChoice
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ _VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_t
 @dataclass
 class ModelOptions:
     path: str
-    """Local folder or hub name of an HF checkpoint."""
+    """Local folder or hub name of an HF checkpoint, or a folder holding a PEFT adapter (an
+    exported LoRA run): its base is loaded and the adapter applied."""
     dtype: Dtype = Dtype.float32
     """Weights' dtype: float32, bfloat16 or float16."""
     attn_implementation: str | None = None
@@ -46,6 +48,13 @@ class ModelOptions:
     """Upper bound on image area; null keeps the processor's own."""
     build_tiny_if_missing: bool = False
     """Write an offline tiny random Qwen2.5-VL at `path` first when it has no config.json (demo)."""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    """Train LoRA adapters on the frozen base instead of the full weights (`models.lora`)."""
+
+    @property
+    def weights_path(self) -> str:
+        """Where the base weights, config and processor are: the path, or an adapter's base."""
+        return adapter_base(self.path) or self.path
 
 
 def torch_dtype(name: str) -> Any:
@@ -70,18 +79,17 @@ def load_processor(options: ModelOptions) -> Any:
     """AutoProcessor for a vision-language checkpoint, AutoTokenizer for a text-only one."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
+    path = options.weights_path
+    config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
     if not is_vision_language_config(config):
-        return AutoTokenizer.from_pretrained(
-            options.path, trust_remote_code=options.trust_remote_code
-        )
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
     kwargs = {
         k: v
         for k, v in (("min_pixels", options.min_pixels), ("max_pixels", options.max_pixels))
         if v
     }
     return AutoProcessor.from_pretrained(
-        options.path, trust_remote_code=options.trust_remote_code, **kwargs
+        path, trust_remote_code=options.trust_remote_code, **kwargs
     )
 
 
@@ -118,11 +126,16 @@ def load_model(options: ModelOptions, device: str | None = None) -> Any:
     first); None loads on the CPU, or partitioned when a DeepSpeed ZeRO-3 config is active
     (transformers' `HfDeepSpeedConfig`: every rank reads the whole checkpoint into host memory,
     then keeps its shard).
+
+    With `lora.enabled` the model comes back wrapped in trainable adapters (a `PeftModel`, base
+    frozen). A `path` holding an exported adapter loads its base and applies it: merged into the
+    weights for inference, or kept trainable to go on training it under `lora.enabled`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     check_attn_implementation(options.attn_implementation)
-    config = AutoConfig.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
+    path = options.weights_path
+    config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
     auto = (
         AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
     )
@@ -131,16 +144,33 @@ def load_model(options: ModelOptions, device: str | None = None) -> Any:
         kwargs["attn_implementation"] = options.attn_implementation
     if device is not None and device.startswith("cuda"):
         kwargs["device_map"] = {"": device}
-    model = auto.from_pretrained(
-        options.path, trust_remote_code=options.trust_remote_code, **kwargs
-    )
+    model = auto.from_pretrained(path, trust_remote_code=options.trust_remote_code, **kwargs)
     if options.freeze_vision:
         frozen = freeze_vision_tower(model)
         log.info("froze %d vision-tower parameters", frozen)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if path != options.path:  # an exported adapter on its base
+        return load_adapter(model, options.path, trainable=options.lora.enabled)
+    if options.lora.enabled:
+        model = with_lora(model, options.lora)
+        log.info("LoRA adapters: %s", _trainable_summary(model))
     return model
+
+
+def merge_adapter(adapter: str, out: str, options: ModelOptions) -> None:
+    """Write the exported adapter at `adapter` merged into its base: a plain transformers
+    checkpoint (with the processor) at `out`, loaded on the CPU."""
+    merged = replace(options, path=adapter, lora=LoraOptions(), gradient_checkpointing=False)
+    load_model(merged).save_pretrained(out)
+    load_processor(merged).save_pretrained(out)
+
+
+def _trainable_summary(model: Any) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
 
 
 def freeze_vision_tower(model: Any) -> int:

@@ -1,0 +1,198 @@
+"""LoRA learners: only the adapters train, the KL reference is the base, checkpoints resume exactly,
+and the exported adapter loads with PEFT and scores as the learner did.
+
+Two DeepSpeed ranks (Ray actors, gloo) on the tiny Qwen2.5-VL with `model.lora` on, under ZeRO-2
+and ZeRO-3; one pair of rank processes serves the module (tests/learner_ranks.py).
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import pytest
+import torch
+
+import learner_ranks
+from gmai_rl.algo import token_logprobs
+from gmai_rl.data import load_mcq_jsonl
+from gmai_rl.feed import sft_samples
+from gmai_rl.learner.batching import plan_rank_batches
+from gmai_rl.learner.options import LearnerOptions, LossOptions, OptimOptions
+from gmai_rl.learner.rank_metrics import combine_rank_metrics
+from gmai_rl.models.inputs import build_policy_batch, completion_logits
+from gmai_rl.models.loading import ModelOptions, load_model, load_processor, tokenizer_of
+from gmai_rl.models.lora import LoraOptions
+from gmai_rl.models.tokens import vision_token_ids
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray")
+pytest.importorskip("torchvision")  # the tiny Qwen2.5-VL's processor
+
+LORA = LoraOptions(enabled=True, rank=4, alpha=8)
+OPTIM = OptimOptions(lr=2e-2, total_steps=10)
+
+
+@pytest.fixture(scope="module")
+def samples(synthetic_dir, tiny_model_dir):
+    items = load_mcq_jsonl(synthetic_dir / "sft.jsonl")[:8]
+    tokenizer = tokenizer_of(load_processor(ModelOptions(tiny_model_dir)))
+    out = sft_samples(items, tokenizer, None)
+    for i, s in enumerate(out):
+        s.completion_ids = s.completion_ids[: 6 + 2 * i]
+        s.advantage = [1.0, -0.5, 0.25, -2.0][i % 4]
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    tests_dir = os.path.dirname(learner_ranks.__file__)
+    path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    env_vars = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def learner_pair(local_ray):
+    pair = learner_ranks.LearnerPair()
+    yield pair
+    pair.discard()
+
+
+@pytest.fixture
+def learners(learner_pair, request):
+    failed_before = request.session.testsfailed
+    yield learner_pair.build
+    if request.session.testsfailed > failed_before:
+        learner_pair.discard()
+
+
+def on_all(ranks, method, *args):
+    return ray.get([getattr(r, method).remote(*args) for r in ranks])
+
+
+def train(ranks, samples):
+    plans = plan_rank_batches(samples, world_size=len(ranks), num_minibatches=1)
+    return combine_rank_metrics(
+        ray.get([r.train_rl.remote(p) for r, p in zip(ranks, plans, strict=True)])
+    )
+
+
+def checksum(tensors) -> str:
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        digest.update(name.encode())
+        digest.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+@torch.no_grad()
+def logprobs_of(model, processor, samples) -> list[list[float]]:
+    """Completion log-probs under a plain transformers (or PEFT) model, one full forward."""
+    batch = build_policy_batch(processor, samples, tokenizer_of(processor).pad_token_id)
+    logits = completion_logits(
+        model(**batch.model_inputs, use_cache=False).logits, batch.logit_index
+    )
+    logits[..., vision_token_ids(tokenizer_of(processor))] = float("-inf")
+    rows = token_logprobs(logits, batch.completion_ids)
+    return [row[: len(s.completion_ids)].tolist() for s, row in zip(samples, rows, strict=True)]
+
+
+def assert_close(actual, expected, atol=2e-5):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(e), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_only_the_adapters_train_and_the_kl_reference_is_the_base(
+    learners, tiny_model_dir, samples, zero_stage
+):
+    model = ModelOptions(tiny_model_dir, lora=LORA)
+    opts = LearnerOptions(zero_stage=zero_stage, micro_batch_size=4, num_minibatches=1)
+    ranks = learners(model, opts, LossOptions(kl_coef=0.1))
+    before = on_all(ranks, "named_parameters")[0]
+    on_all(ranks, "start_stage", OPTIM, True)
+    first, second = train(ranks, samples), train(ranks, samples)
+    after = on_all(ranks, "named_parameters")[0]
+
+    base_before = [(n, t) for n, t in before if not is_adapter(n)]
+    base_after = [(n, t) for n, t in after if not is_adapter(n)]
+    adapters = sum(t.numel() for n, t in after if is_adapter(n))
+    assert 0 < adapters < sum(t.numel() for _, t in base_after) / 10
+    assert checksum(base_after) == checksum(base_before)  # the base never moves
+    lora_b = [(n, t) for n, t in after if ".lora_B." in n]
+    assert lora_b and all(float(t.abs().max()) > 0 for _, t in lora_b)  # started at 0
+
+    # The reference is the base: no KL at the start, some once the adapters moved.
+    assert first["ref_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert second["ref_kl"] > 1e-5
+    base = ModelOptions(tiny_model_dir)
+    expected = logprobs_of(load_model(base).eval(), load_processor(base), samples)
+    for got in on_all(ranks, "reference_logprobs", samples):
+        assert_close(got, expected)
+    # ...while the policy itself has moved away from it.
+    policy = on_all(ranks, "score", samples)[0]
+    gaps = [
+        abs(a - b) for p, e in zip(policy, expected, strict=True) for a, b in zip(p, e, strict=True)
+    ]
+    assert max(gaps) > 1e-4
+
+
+def test_the_exported_adapter_loads_with_peft_and_as_a_model_path(
+    learners, tiny_model_dir, samples, tmp_path
+):
+    from peft import PeftModel
+
+    model = ModelOptions(tiny_model_dir, lora=dataclasses.replace(LORA, export_merged=True))
+    ranks = learners(model, LearnerOptions(zero_stage=3, micro_batch_size=4))
+    on_all(ranks, "start_stage", OPTIM, True)
+    train(ranks, samples)
+    learned = on_all(ranks, "score", samples)[0]
+    final = tmp_path / "final"
+    on_all(ranks, "save_pretrained", str(final))
+
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
+    assert not (final / "model.safetensors").exists()  # the adapter alone, not the base
+    base = ModelOptions(tiny_model_dir)
+    processor = load_processor(base)
+    with_peft = PeftModel.from_pretrained(load_model(base), str(final)).eval()
+    assert_close(logprobs_of(with_peft, processor, samples), learned)
+    # gmai-rl eval's path: the folder as model.path (its base loaded, the adapter merged in).
+    as_path = ModelOptions(str(final))
+    assert_close(logprobs_of(load_model(as_path).eval(), load_processor(as_path), samples), learned)
+    merged = ModelOptions(str(final / "merged"))
+    assert (final / "merged" / "config.json").exists()
+    assert_close(logprobs_of(load_model(merged).eval(), load_processor(merged), samples), learned)
+
+
+def test_a_resumed_lora_learner_trains_on_as_one_that_never_stopped(
+    learners, tiny_model_dir, samples, tmp_path
+):
+    model = ModelOptions(tiny_model_dir, lora=LORA)
+    opts = LearnerOptions(zero_stage=2, micro_batch_size=4)
+    loss = LossOptions(kl_coef=0.1)
+    ranks = learners(model, opts, loss)
+    on_all(ranks, "start_stage", OPTIM, True)
+    train(ranks, samples)
+    on_all(ranks, "start_stage", OPTIM, True)  # the reference: the adapters as trained so far
+    train(ranks, samples)
+    on_all(ranks, "save_state", str(tmp_path))
+    uninterrupted = [train(ranks, samples) for _ in range(2)]
+    weights = on_all(ranks, "named_parameters")[0]
+
+    policy = tmp_path / "learner" / "policy"
+    saved = sum(f.stat().st_size for f in policy.rglob("*") if f.is_file())
+    base_bytes = sum(t.numel() * t.element_size() for n, t in weights if not is_adapter(n))
+    assert saved < base_bytes  # adapters and their optimizer state, not the base
+
+    ranks = learners(model, opts, loss)  # new learners, as after a restart
+    on_all(ranks, "load_state", str(tmp_path))
+    resumed = [train(ranks, samples) for _ in range(2)]
+    assert checksum(on_all(ranks, "named_parameters")[0]) == checksum(weights)
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert a["ref_kl"] == b["ref_kl"] and a["loss"] == b["loss"]
