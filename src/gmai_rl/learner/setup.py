@@ -9,7 +9,7 @@ whole onto the rank's GPU under ZeRO-0/1/2, into partitions under ZeRO-3 (`zero.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -85,7 +85,7 @@ def build_reference(
     config = reference_config(learner, world_size)
     with loading_for(config):
         reference = load_model(
-            ModelOptions(**{**asdict(model), "gradient_checkpointing": False}),
+            replace(model, gradient_checkpointing=False),
             device=load_device(device, config),
         )
     reference.requires_grad_(False)
