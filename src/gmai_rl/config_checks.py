@@ -186,17 +186,6 @@ def _weight_sync(cfg: TrainConfig) -> list[str]:
     return []
 
 
-def _lora(cfg: TrainConfig) -> list[str]:
-    if not cfg.model.lora.enabled:
-        return []
-    if cfg.rollout.backend != "hf":
-        return [
-            f"model.lora.enabled with rollout.backend={cfg.rollout.backend}: adapters are pushed "
-            "to the HF engine only so far; set rollout.backend=hf"
-        ]
-    return []
-
-
 def _learner(cfg: TrainConfig) -> list[str]:
     learner, errors = cfg.learner, []
     if learner.zero_stage not in (0, 1, 2, 3):
@@ -263,7 +252,6 @@ CHECKS: tuple[Callable[[TrainConfig], list[str]], ...] = (
     _restarts,
     _reward,
     _weight_sync,
-    _lora,
     _learner,
     _dashboards,
     _cluster_size,

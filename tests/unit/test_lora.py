@@ -7,6 +7,7 @@ import pytest
 from gmai_rl.config_checks import validate
 from gmai_rl.models.loading import ModelOptions, load_model
 from gmai_rl.models.lora import LoraOptions, adapter_base, adapter_names
+from gmai_rl.rollout.vllm_lora import max_lora_rank, peft_file_name
 from support import train_config
 
 
@@ -23,11 +24,39 @@ def test_bad_options_are_refused_by_name(kwargs, message):
         LoraOptions(**kwargs)
 
 
-def test_lora_with_the_vllm_engine_is_refused_naming_the_keys():
-    cfg = train_config("model.lora.enabled=true", "rollout.backend=vllm")
-    with pytest.raises(ValueError, match=r"model.lora.enabled with rollout.backend=vllm"):
+def test_a_vllm_sleep_that_drops_the_base_is_refused_for_lora():
+    sleeps = ("rollout.vllm.enable_sleep_mode=true", "cluster.colocate=true")
+    cfg = train_config(
+        "model.lora.enabled=true", "rollout.backend=vllm", "rollout.vllm.sleep_level=2", *sleeps
+    )
+    with pytest.raises(ValueError, match=r"model.lora.enabled with rollout.vllm.sleep_level=2"):
         validate(cfg)
-    validate(train_config("model.lora.enabled=true"))  # the HF engine takes adapters
+    cfg = train_config("model.lora.enabled=true", "rollout.backend=vllm", *sleeps)
+    try:
+        validate(cfg)
+    except ValueError as err:  # other rules of a CPU layout may object; not this one
+        assert "sleep_level" not in str(err)
+
+
+@pytest.mark.parametrize(("rank", "served"), [(1, 1), (4, 8), (8, 8), (33, 64), (512, 512)])
+def test_vllm_serves_each_rank_with_the_smallest_max_lora_rank_that_holds_it(rank, served):
+    assert max_lora_rank(rank) == served
+
+
+def test_a_rank_above_what_vllm_serves_is_refused():
+    with pytest.raises(ValueError, match="rank <= 512"):
+        max_lora_rank(513)
+    with pytest.raises(ValueError, match=r"model\.lora\.rank=600"):
+        validate(
+            train_config("model.lora.enabled=true", "model.lora.rank=600", "rollout.backend=vllm")
+        )
+
+
+def test_adapter_tensors_are_written_under_the_names_peft_saves():
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert peft_file_name(name) == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(ValueError, match="not a LoRA adapter parameter"):
+        peft_file_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
 
 
 @pytest.mark.parametrize("vision", [False, True])

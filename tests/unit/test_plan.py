@@ -548,3 +548,53 @@ def test_deepspeeds_gradient_bucket_is_its_default_size_in_the_reducing_dtype(
 
     got = deepspeed_buffers(stage, bf16, weight_bytes=4, trainable=10**8, on_gpu=on_gpu)
     assert got == elements * width
+
+
+# ----------------------------------------------------------------------------- LoRA, 1 GPU
+
+ONE_GPU = Hardware(
+    gpus_per_node=1,
+    gpu_memory=H100,
+    source="one 80 GB GPU",
+    single_node=True,
+    host_memory=128 * GIB,
+)
+
+
+def lora_plan(tmp_path_factory, *overrides):
+    path = write_qwen2_5_vl_7b_config(tmp_path_factory.mktemp("qwen2_5_vl_7b_lora"))
+    cfg = train_config(
+        "+experiment=gmai_vl_r1_7b_lora_1gpu",
+        "data.root=/data/GMAI-Reasoning10K",
+        f"model.path={path}",
+        *overrides,
+    )
+    return make_plan(cfg, read_model(cfg.model), ONE_GPU)
+
+
+def test_the_7b_lora_preset_fits_one_80_gb_gpu_with_its_engine(tmp_path_factory):
+    plan = lora_plan(tmp_path_factory)
+    assert check(plan) == []
+    p = plan.model.params
+    # Rank-64 adapters on the 28 layers' 7 projections: r x (in + out) each.
+    per_layer = 64 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    assert p.trainable == 28 * per_layer
+    # bf16 base weights frozen; the adapters' fp32 gradients, master weights and moments.
+    assert plan.learner_total.device == pytest.approx(2 * p.total + 16 * p.trainable)
+    assert plan.reference is None  # kl_coef 0 (a LoRA reference is a copy of the adapters)
+    # Only the adapters travel: less than one 512 MiB bucket, in bf16.
+    assert sum(m.device for m in plan.push.values()) == 2 * p.trainable
+    assert plan.engine_receive == 2 * p.trainable
+    # The engine sleeps (level 1) while the learner trains; awake, it takes its 60% in a push.
+    assert plan.engine_sleeps
+    assert plan.gpu_peak == pytest.approx(
+        max(plan.learner_training, plan.learner_pushing + 0.6 * H100 + plan.engine_receive)
+    )
+    assert plan.gpu_peak < H100
+    assert plan.kv_sequences >= 1
+    assert "fits: yes" in render(plan)
+
+
+def test_without_lora_the_same_layout_does_not_fit_one_gpu(tmp_path_factory):
+    problems = check(lora_plan(tmp_path_factory, "model.lora.enabled=false"))
+    assert any("learner rank" in p and "79.18 GiB" in p for p in problems), problems

@@ -50,6 +50,31 @@ RECIPES = {
         "trainer.steps": 200,
         "trainer.eval_every": 50,
     },
+    # conf/experiment/gmai_vl_r1_7b_lora_1gpu.yaml: the 7B recipe with LoRA on one GPU (what
+    # it changes and why: its header; the rest is gmai_vl_r1_7b's, composed in).
+    "gmai_vl_r1_7b_lora_1gpu": {
+        "model.lora.enabled": True,
+        "model.lora.rank": 64,
+        "model.lora.alpha": 128,
+        "optim.lr": 5e-6,
+        "algo.prompts_per_step": 32,
+        "learner.zero_stage": 2,
+        "learner.num_minibatches": 2,
+        "cluster.learner_ranks": 1,
+        "cluster.rollout_workers": 1,
+        "cluster.colocate": True,
+        "rollout.vllm.enable_sleep_mode": True,
+        "rollout.vllm.sleep_level": 1,
+        "rollout.vllm.gpu_memory_utilization": 0.6,
+    },
+    # conf/experiment/demo_lora.yaml: the demo's RL with LoRA on a cold-started model.
+    "demo_lora": {
+        "model.lora.enabled": True,
+        "model.lora.rank": 8,
+        "model.lora.alpha": 16,
+        "sft.enabled": False,
+        "optim.lr": 3e-3,
+    },
     # conf/experiment/demo_rounds.yaml: the demo in two rounds (its header says how).
     "demo_rounds": {
         "trainer.rounds": 2,

@@ -549,6 +549,7 @@ def engine_around(llm: FakeLLM) -> VLLMEngine:
     engine = object.__new__(VLLMEngine)
     engine.llm, engine.policy_version, engine.asleep, engine.broken = llm, 0, False, None
     engine.sleep_mode, engine.sleep_level, engine.weights_dropped = False, 1, False
+    engine.adapters = None  # full weights (LoRA: rollout/vllm_lora.py, the vLLM tier)
     return engine
 
 

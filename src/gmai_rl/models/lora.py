@@ -109,6 +109,15 @@ def adapters_disabled(model: Any) -> Iterator[None]:
         yield
 
 
+PEFT_PREFIX = "base_model.model."
+"""What a `PeftModel` puts before its model's parameter names."""
+
+
+def without_peft(name: str) -> str:
+    """A parameter's name in the model a `PeftModel` wraps."""
+    return name.removeprefix(PEFT_PREFIX)
+
+
 def adapter_names(names: Sequence[str]) -> list[str]:
     """The adapters' parameters among `names` (PEFT's `lora_A`/`lora_B`, any adapter name)."""
     return [n for n in names if ".lora_A." in n or ".lora_B." in n]

@@ -30,7 +30,7 @@ from gmai_rl.plan.prompt import (
     prompt_budget,
 )
 from gmai_rl.rollout.engines import engine_spec
-from gmai_rl.rollout.sizing import MIB, EnginePlan, ModelShape, dtype_bytes
+from gmai_rl.rollout.sizing import MIB, EnginePlan, ModelShape, bytes_text, dtype_bytes
 from gmai_rl.rollout.spec import EngineInputs
 from gmai_rl.types import MCQItem
 
@@ -189,7 +189,8 @@ def make_plan(
         m.params, c.learner_ranks, lo.zero_stage, lo.bf16, weight_bytes, lo.offload_optimizer
     )
     reference = None
-    if cfg.algo.loss.kl_coef > 0:
+    # A LoRA policy's reference is its own base with a copy of the adapters (`lora_reference`).
+    if cfg.algo.loss.kl_coef > 0 and not cfg.model.lora.enabled:
         ref_bytes = 2 if lo.bf16 else weight_bytes
         reference = reference_states(
             m.params.total, c.learner_ranks, lo.zero_stage, ref_bytes, lo.reference_offload
@@ -209,8 +210,8 @@ def make_plan(
         engine_memory(cfg, m, hw.gpu_memory, prompt.longest),
         prompt,
         working=working_memory(cfg, m, prompt.longest),
-        push=push_memory(cfg),
-        engine_receive=float(cfg.sync.bucket_mb * MIB),
+        push=push_memory(cfg, pushed_bytes(cfg, m)),
+        engine_receive=min(float(cfg.sync.bucket_mb * MIB), pushed_bytes(cfg, m)),
     )
     if c.gpus_per_learner == 0:
         plan.working = {name: on_host(mem) for name, mem in plan.working.items()}
@@ -238,7 +239,7 @@ def working_memory(cfg: TrainConfig, m: ModelFacts, longest: int) -> dict[str, M
             device=activations(shape, tokens, w, cfg.model.gradient_checkpointing)
         )
         rows["LM head (chunks, its gradient)"] = Memory(
-            device=lm_head_working(shape, lo.logprob_chunk_size, w, m.params.trainable > 0)
+            device=lm_head_working(shape, lo.logprob_chunk_size, w, head_trains(cfg, m))
         )
     rows["DeepSpeed gradient bucket"] = Memory(
         device=deepspeed_buffers(
@@ -252,18 +253,32 @@ def working_memory(cfg: TrainConfig, m: ModelFacts, longest: int) -> dict[str, M
     return rows
 
 
-def push_memory(cfg: TrainConfig) -> dict[str, Memory]:
-    """Learner rank 0's GPU memory beyond its states in a push: the flat buckets in flight
-    (`sync.max_buckets_in_flight` x `sync.bucket_mb`), and under ZeRO-3 the bucket's gathered
-    parameters."""
+def head_trains(cfg: TrainConfig, m: ModelFacts) -> bool:
+    """Whether the LM head has a gradient: not under LoRA (no adapter on it), else whenever
+    anything trains."""
+    return m.params.trainable > 0 and not cfg.model.lora.enabled
+
+
+def pushed_bytes(cfg: TrainConfig, m: ModelFacts) -> float:
+    """The largest push on the wire: the whole model (the first push), or under LoRA the
+    adapters, the only tensors that ever travel."""
+    wire = dtype_bytes(cfg.sync.wire_dtype or cfg.model.dtype)
+    return float(wire * (m.params.trainable if cfg.model.lora.enabled else m.params.total))
+
+
+def push_memory(cfg: TrainConfig, pushed: float) -> dict[str, Memory]:
+    """Learner rank 0's GPU memory beyond its states in a push of `pushed` bytes: the flat
+    buckets in flight (`sync.max_buckets_in_flight` x `sync.bucket_mb`, or fewer bytes when the
+    push is smaller), and under ZeRO-3 the bucket's gathered parameters."""
     s, bucket = cfg.sync, float(cfg.sync.bucket_mb * MIB)
-    rows = {
-        f"weight-sync buckets ({s.max_buckets_in_flight} x {s.bucket_mb} MiB)": Memory(
-            device=s.max_buckets_in_flight * bucket
-        )
-    }
+    in_flight = min(s.max_buckets_in_flight * bucket, pushed)
+    label = f"{s.max_buckets_in_flight} x {s.bucket_mb} MiB"
+    if in_flight < s.max_buckets_in_flight * bucket:
+        what = "the adapters" if cfg.model.lora.enabled else "the whole model"
+        label = f"{what}, {bytes_text(pushed)}"
+    rows = {f"weight-sync buckets ({label})": Memory(device=in_flight)}
     if cfg.learner.zero_stage == 3:
-        rows["a bucket's gathered parameters"] = Memory(device=bucket)
+        rows["a bucket's gathered parameters"] = Memory(device=min(bucket, pushed))
     return rows
 
 
@@ -276,7 +291,9 @@ def _notes(plan: Plan) -> list[str]:
             f"activations not estimated: {m.architecture}'s config gives no hidden_size, "
             "intermediate_size or num_attention_heads"
         )
-    if m.params.trainable > 0 and m.params.vision and not plan.cfg.model.freeze_vision:
+    lora = plan.cfg.model.lora
+    vision_trains = lora.vision if lora.enabled else not plan.cfg.model.freeze_vision
+    if m.params.trainable > 0 and m.params.vision and vision_trains:
         notes.append("the vision tower trains: its activations are not estimated")
     if m.patch_size and plan.prompt.image_tokens is None:
         notes.append(

@@ -19,6 +19,7 @@ from gmai_rl.models.loading import (
     is_vision_language_config,
     is_vision_parameter,
 )
+from gmai_rl.models.lora import with_lora, without_peft
 from gmai_rl.plan.memory import DecoderShape, ParamCounts
 
 
@@ -63,7 +64,8 @@ class ModelFacts:
 
 
 def count_parameters(model: Any, freeze_vision: bool) -> ParamCounts:
-    """Parameter counts of a (meta) model, the vision tower found as the learner finds it."""
+    """Parameter counts of a (meta) model, the vision tower found as the learner finds it; in
+    a LoRA model (`models.lora`) the adapters are the trainable ones."""
     if freeze_vision:
         freeze_vision_tower(model)
     named = dict(model.named_parameters())  # tied weights once
@@ -73,7 +75,9 @@ def count_parameters(model: Any, freeze_vision: bool) -> ParamCounts:
     return ParamCounts(
         total=sum(p.numel() for p in named.values()),
         trainable=sum(p.numel() for p in named.values() if p.requires_grad),
-        vision=sum(p.numel() for name, p in named.items() if is_vision_parameter(name)),
+        vision=sum(
+            p.numel() for name, p in named.items() if is_vision_parameter(without_peft(name))
+        ),
         largest_layer=largest,
     )
 
@@ -129,12 +133,16 @@ def read_model(options: ModelOptions) -> ModelFacts:
         model = auto.from_config(  # type: ignore[no-untyped-call]
             config, trust_remote_code=options.trust_remote_code
         )
+        architecture = type(model).__name__
+        if options.lora.enabled:
+            model = with_lora(model, options.lora)
+            architecture += f" + LoRA rank {options.lora.rank}"
     text = config.get_text_config()
     heads = text.num_attention_heads
     vision = getattr(config, "vision_config", None)
     return ModelFacts(
-        architecture=type(model).__name__,
-        params=count_parameters(model, options.freeze_vision),
+        architecture=architecture,
+        params=count_parameters(model, options.freeze_vision and not options.lora.enabled),
         layers=text.num_hidden_layers,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,

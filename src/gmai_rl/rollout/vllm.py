@@ -26,6 +26,7 @@ from gmai_rl.models.tokens import stop_token_ids, vision_tokens
 from gmai_rl.rollout.base import EngineBrokenError
 from gmai_rl.rollout.options import VLLMOptions
 from gmai_rl.rollout.vllm_liveness import watch_engine_core
+from gmai_rl.rollout.vllm_lora import AdapterVersions, lora_engine_kwargs
 from gmai_rl.rollout.vllm_requests import (
     TOKENIZATION_KWARGS,
     build_request,
@@ -58,7 +59,7 @@ class VLLMEngine:
         self.on_gpu = torch.cuda.is_available()
         self.sleep_level = opts.sleep_level
         args = engine_args(
-            model.path,
+            model.weights_path,
             dtype=opts.dtype or model.dtype,
             on_gpu=self.on_gpu,
             vision_language=self.vision,
@@ -80,6 +81,12 @@ class VLLMEngine:
             extension_cls=EXTENSION,
             extra=opts.engine_args,
         )
+        serves_adapters = model.lora.enabled or model.weights_path != model.path
+        self.adapters = AdapterVersions(model) if serves_adapters else None
+        """LoRA (or an exported adapter as model.path): pushes carry adapters, loaded as new
+        adapter versions (`vllm_lora`)."""
+        if self.adapters is not None:
+            args.kwargs.update(lora_engine_kwargs(self.adapters.rank))
         self.sleep_mode = bool(args.kwargs["enable_sleep_mode"])
         # vLLM reads these when the engine starts; a Ray actor's environment is its own.
         os.environ.update(args.env)
@@ -112,13 +119,25 @@ class VLLMEngine:
 
         params = VLLMSamplingParams(**sampling_kwargs(sampling, n, self.stop_ids, self.banned))
         requests = [build_request(self.processor, p, self.mm_kwargs) for p in prompts]
+        adapter = self.adapters.request if self.adapters is not None else None
         with self._core_alive("generate"):
             outputs = self.llm.generate(
-                requests, params, use_tqdm=False, tokenization_kwargs=dict(TOKENIZATION_KWARGS)
+                requests,
+                params,
+                use_tqdm=False,
+                lora_request=adapter,
+                tokenization_kwargs=dict(TOKENIZATION_KWARGS),
             )
         return to_groups(prompts, outputs, n, self.policy_version)
 
     # ------------------------------------------------------------------------------ weights
+
+    @property
+    def receives_in_workers(self) -> bool:
+        """Whether vLLM's workers join the sync group and receive pushes themselves: yes for
+        full weights; for adapters the rollout worker receives them in its process and hands
+        them to `load_weights`."""
+        return self.adapters is None
 
     def sync_members(self) -> int:
         """Sync-group members this engine contributes: one per vLLM worker (TP x PP)."""
@@ -172,6 +191,9 @@ class VLLMEngine:
         """
         self._check_usable()
         self._check_awake("load weights")
+        if self.adapters is not None:
+            with self._core_alive("load adapters"):
+                return self.adapters.load(weights, self.policy_version + 1, self.llm)
         pairs = [(name, tensor.detach().cpu()) for name, tensor in weights]
         return int(self._update("gmai_load_weights", (pairs,))[0])
 
@@ -242,9 +264,12 @@ class VLLMEngine:
             raise EngineBrokenError(f"{self.broken}; the engine must be replaced")
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """Not available: vLLM's parameters are fused (qkv_proj, gate_up_proj), sharded over TP
+        """With LoRA, the current adapters as received (the base is vLLM's own load of
+        model.path). Otherwise not available: vLLM's parameters are fused (qkv_proj, gate_up_proj), sharded over TP
         workers and repacked for the platform's kernels, so HF-named tensors cannot be read
         back. Verification uses the checksums of the received tensors instead (vllm_sync)."""
+        if self.adapters is not None:
+            return iter(self.adapters.tensors.items())
         raise RuntimeError(
             "vLLM's weights cannot be read back under HF names (fused, sharded, repacked); use "
             "receive_weights(..., verify=True), which checksums the tensors as received"

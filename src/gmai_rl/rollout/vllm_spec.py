@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from gmai_rl.rollout.options import VLLM_CPU_KV_MIB, Backend, VLLMOptions
+from gmai_rl.rollout.options import VLLM_CPU_KV_MIB, VLLM_MAX_LORA_RANKS, Backend, VLLMOptions
 from gmai_rl.rollout.sizing import (
     GIB,
     MIB,
@@ -85,6 +85,17 @@ def validate(run: RolloutRun) -> list[str]:
             "cluster.colocate=true with vLLM on GPU needs rollout.vllm.enable_sleep_mode=true: "
             "the engine must give its memory back while the learner on its GPU trains (and "
             "rollout.vllm.gpu_memory_utilization must leave the learner its share)"
+        )
+    lora = run.model.lora
+    if lora.enabled and c.colocate and v.enable_sleep_mode and v.sleep_level >= 2:
+        errors.append(
+            "model.lora.enabled with rollout.vllm.sleep_level=2: that sleep drops the base "
+            "weights, which a LoRA run never pushes (only adapters travel); use sleep_level=1"
+        )
+    if lora.enabled and lora.rank > VLLM_MAX_LORA_RANKS[-1]:
+        errors.append(
+            f"model.lora.rank={lora.rank}: vLLM 0.32.0 serves adapters of rank <= "
+            f"{VLLM_MAX_LORA_RANKS[-1]}"
         )
     if "trust_remote_code" in v.engine_args:
         errors.append(

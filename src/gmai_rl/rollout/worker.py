@@ -47,9 +47,10 @@ def resolve_device(device: Device | str) -> str:
 
 
 def syncing_engine(spec: EngineSpec, engine: RolloutEngine) -> SyncingEngine | None:
-    """`engine` when its spec says that its own processes receive the weights, else None (the
+    """`engine` when its spec says that its own processes receive the weights (and the engine,
+    as configured, agrees: a vLLM engine serving LoRA adapters does not), else None (the
     rollout worker receives them and loads them into the engine)."""
-    if not spec.sync_in_engine:
+    if not spec.sync_in_engine or not getattr(engine, "receives_in_workers", True):
         return None
     if not isinstance(engine, SyncingEngine):
         raise TypeError(
