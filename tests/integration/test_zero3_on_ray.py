@@ -15,6 +15,8 @@ import json
 import os
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_faults_on_ray import report, step_with_a_kill_in_the_push
 
 from gmai_rl.feed import ItemSampler, load_datasets
@@ -50,6 +52,24 @@ def test_a_zero3_run_and_its_resumption_keep_every_rank_in_step(zero3_config, tm
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["stage"] == "rl"] == [0, 1, 2]
     assert [r["resumed_step"] for r in lines if "resumed_from" in r] == [2]
+
+
+def test_a_lora_run_resumed_mid_way_ends_with_the_uninterrupted_runs_adapters(
+    zero3_config, tmp_path
+):
+    """LoRA under ZeRO-3 (adapters partitioned like the base, the KL reference a copy of them
+    per rank) through SFT, RL, checkpoints and a resumption: bit for bit the same adapters."""
+    lora = ("model.lora.enabled=true", "model.lora.rank=4", "sft.steps=2", "trainer.save_every=1")
+    lora += ("trainer.eval_every=0", "data.max_eval_items=8")
+    run(zero3_config(tmp_path / "whole", "trainer.steps=3", *lora))
+    run(zero3_config(tmp_path / "resumed", "trainer.steps=2", *lora))
+    run(zero3_config(tmp_path / "resumed", "trainer.steps=3", "trainer.resume=auto", *lora))
+    whole, resumed = (
+        load_file(tmp_path / run_dir / "final" / "adapter_model.safetensors")
+        for run_dir in ("whole", "resumed")
+    )
+    assert whole.keys() == resumed.keys() and len(whole) > 0
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 @pytest.fixture(scope="module")

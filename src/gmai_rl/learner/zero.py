@@ -41,7 +41,7 @@ def loading_for(ds_config: dict[str, Any]) -> Iterator[None]:
         del active
 
 
-def _partitioned(param: torch.Tensor) -> bool:
+def partitioned(param: torch.Tensor) -> bool:
     """A ZeRO-3 parameter (its data lives in shards over the ranks)."""
     return hasattr(param, "ds_id")
 
@@ -62,7 +62,7 @@ def gather_on_rank0(
     for name, param in module.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
-        with deepspeed.zero.GatheredParameters([param], enabled=_partitioned(param)):
+        with deepspeed.zero.GatheredParameters([param], enabled=partitioned(param)):
             if state is not None:
                 state[name] = param.detach().to("cpu", copy=True)
     return state
@@ -77,9 +77,9 @@ def load_on_rank0(module: torch.nn.Module, path: Path, rank: int) -> None:
 
     with safe_open(str(path), framework="pt") as weights:
         for name, param in module.named_parameters():
-            partitioned = _partitioned(param)
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=partitioned):
-                if rank == 0 or not partitioned:
+            sharded = partitioned(param)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=sharded):
+                if rank == 0 or not sharded:
                     param.data.copy_(weights.get_tensor(name))
 
 

@@ -65,8 +65,8 @@ class LoraOptions:
             raise ValueError("model.lora.targets is empty: name the layers that get an adapter")
 
 
-def peft_config(options: LoraOptions) -> Any:
-    """The `peft.LoraConfig` of `options`."""
+def peft_config(options: LoraOptions, vision_tower: bool = True) -> Any:
+    """The `peft.LoraConfig` of `options` for a model with or without a vision tower."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -74,7 +74,7 @@ def peft_config(options: LoraOptions) -> Any:
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=list(options.targets),
-        exclude_modules=None if options.vision else VISION_MODULES,
+        exclude_modules=VISION_MODULES if vision_tower and not options.vision else None,
         bias="none",
     )
 
@@ -83,7 +83,8 @@ def with_lora(model: Any, options: LoraOptions) -> Any:
     """`model` wrapped in adapters (a `PeftModel`); every base parameter frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(options))
+    vision_tower = getattr(model.config, "vision_config", None) is not None
+    return get_peft_model(model, peft_config(options, vision_tower))
 
 
 def is_peft(model: Any) -> bool:
