@@ -15,16 +15,14 @@ largest whose push three processes hold in this machine's memory.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 from typing import Any
 
 import torch
-from sync_bench import _member, push_seconds
+from sync_bench import push_seconds, run_members
 
 from gmai_rl.models.lora import LoraOptions, with_lora
 from gmai_rl.sync.buckets import TensorSpec, plan_buckets
-from gmai_rl.sync.group import find_free_port
 from gmai_rl.sync.weights import param_specs
 
 
@@ -60,24 +58,7 @@ def plans(config: Any, lora: LoraOptions, wire: str) -> dict[str, list[TensorSpe
 
 def push(specs: list[TensorSpec], args: argparse.Namespace) -> float:
     """Median seconds of one push of `specs` (the slowest member's), over `args.repeats`."""
-    world = 1 + args.receivers
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = find_free_port()
-    procs = [
-        ctx.Process(target=_member, args=(r, world, port, args, specs, out)) for r in range(world)
-    ]
-    try:
-        for proc in procs:
-            proc.start()
-        timings = dict(out.get(timeout=3600) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return push_seconds(timings, f"ours, {args.bucket_mb[0]:g} MB buckets")
+    return push_seconds(run_members(specs, args), f"ours, {args.bucket_mb[0]:g} MB buckets")
 
 
 def main() -> None:

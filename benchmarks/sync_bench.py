@@ -200,6 +200,30 @@ def table(
     return "\n".join(lines)
 
 
+def run_members(
+    specs: list[TensorSpec], args: argparse.Namespace
+) -> dict[int, dict[str, list[float]]]:
+    """Every member's timings ({rank: {row: seconds per repeat}}): one sender and
+    `args.receivers` receivers, each a spawned process holding `specs`."""
+    world = 1 + args.receivers
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = find_free_port()
+    procs = [
+        ctx.Process(target=_member, args=(r, world, port, args, specs, out)) for r in range(world)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        return dict(out.get(timeout=3600) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=100e6)
@@ -218,23 +242,7 @@ def main() -> None:
     args = parser.parse_args()
 
     specs = make_specs(int(args.params), int(args.tensor_numel), args.dtype)
-    world = 1 + args.receivers
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = find_free_port()
-    procs = [
-        ctx.Process(target=_member, args=(r, world, port, args, specs, out)) for r in range(world)
-    ]
-    try:
-        for proc in procs:
-            proc.start()
-        timings = dict(out.get(timeout=1800) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    timings = run_members(specs, args)
     total_bytes = sum(s.nbytes for s in specs)
     plans: dict[str, int] = {RAW_FLAT: 1, RAW_PER_TENSOR: len(specs)}
     plans |= {COLLECTIVE_FLAT: 1, COLLECTIVE_PER_TENSOR: len(specs)}

@@ -17,12 +17,10 @@ seconds where starting new processes took 15-60.
 import dataclasses
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-import learner_ranks
 from gmai_rl.algo import policy_loss, token_logprobs
 from gmai_rl.data import load_mcq_jsonl
 from gmai_rl.feed import sft_samples
@@ -131,36 +129,6 @@ def gradient_mismatches(
 
 def flipped(samples):
     return [dataclasses.replace(s, advantage=-s.advantage) for s in samples]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # The workers import the ranks' class from learner_ranks, beside this folder.
-    tests_dir = os.path.dirname(learner_ranks.__file__)
-    path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
-    env_vars = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def learner_pair(local_ray):
-    pair = learner_ranks.LearnerPair()
-    yield pair
-    pair.discard()
-
-
-@pytest.fixture
-def learners(learner_pair, request):
-    """learners(model_dir, learner_options, loss_options=kl_coef 0): the two ranks, as new
-    `Learner`s of that configuration would be."""
-    failed_before = request.session.testsfailed
-    yield learner_pair.build
-    if request.session.testsfailed > failed_before:
-        # A failed test may have left a rank inside a collective, or half-built: the next test
-        # gets new processes.
-        learner_pair.discard()
 
 
 def plan(ranks, samples):

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 
-import learner_ranks
 from gmai_rl.algo import token_logprobs
 from gmai_rl.data import load_mcq_jsonl
 from gmai_rl.feed import sft_samples
@@ -41,31 +40,6 @@ def samples(synthetic_dir, tiny_model_dir):
         s.completion_ids = s.completion_ids[: 6 + 2 * i]
         s.advantage = [1.0, -0.5, 0.25, -2.0][i % 4]
     return out
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    tests_dir = os.path.dirname(learner_ranks.__file__)
-    path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
-    env_vars = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def learner_pair(local_ray):
-    pair = learner_ranks.LearnerPair()
-    yield pair
-    pair.discard()
-
-
-@pytest.fixture
-def learners(learner_pair, request):
-    failed_before = request.session.testsfailed
-    yield learner_pair.build
-    if request.session.testsfailed > failed_before:
-        learner_pair.discard()
 
 
 def on_all(ranks, method, *args):

@@ -70,8 +70,8 @@ RECIPES = {
     # conf/experiment/demo_lora.yaml: the demo's RL with LoRA on a cold-started model.
     "demo_lora": {
         "model.lora.enabled": True,
-        "model.lora.rank": 8,
-        "model.lora.alpha": 16,
+        "model.lora.rank": 16,
+        "model.lora.alpha": 32,
         "sft.enabled": False,
         "optim.lr": 3e-3,
     },
