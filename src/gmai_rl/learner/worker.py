@@ -484,9 +484,10 @@ class Learner:
         """Write this rank's part of a resumable checkpoint into `folder` (every rank calls).
 
         The policy through DeepSpeed's checkpointing (weights, optimizer state, ZeRO
-        partitions) with the stage's schedule position; the KL reference (the policy RL started
-        from, no longer recoverable from the model path) as safetensors written by rank 0; this
-        rank's RNG states.
+        partitions) with the stage's schedule position, for a LoRA policy the adapters only;
+        the KL reference (the policy RL started from, no longer recoverable from the model path)
+        as safetensors written by rank 0, for LoRA each rank's copy of the adapters; this rank's
+        RNG states.
         """
         from safetensors.torch import save_file
 
@@ -503,7 +504,7 @@ class Learner:
             exclude_frozen_parameters=lora,
         )
         adapters = self.reference_adapters.state() if self.reference_adapters else None
-        if adapters is not None:  # this rank's copy: its partitions under ZeRO-3
+        if adapters is not None:  # LoRA's reference: the adapters RL started from
             save_file(adapters, out / f"reference_adapters_rank{self.rank}.safetensors")
         if self.reference is not None:
             state = gather_on_rank0(self.reference.module, self.rank)
