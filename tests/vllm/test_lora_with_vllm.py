@@ -88,20 +88,26 @@ def test_an_exported_adapter_is_served_by_a_new_engine(trainer, tmp_path):
     policy = learner_policy(cfg, cluster)
     processor = load_processor(cfg.model)
     options = VLLMOptions(enforce_eager=True, max_model_len=1024, kv_cache_memory_mb=64)
-    worker = RolloutWorker(
-        "vllm",
-        ModelOptions(str(tmp_path / "final"), dtype="float32"),
-        seed=0,
-        engine_kwargs={"vllm": options},
+    # In an actor of its own, as the trainer and `gmai-rl eval --ray` run engines: vLLM fixes
+    # its process settings at the first engine a process makes.
+    worker = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=0)
+        .remote(
+            "vllm",
+            ModelOptions(str(tmp_path / "final"), dtype="float32"),
+            seed=0,
+            engine_kwargs={"vllm": options},
+        )
     )
     try:
-        for group in worker.generate(eval_prompts(cfg), 4, SAMPLING):
+        for group in ray.get(worker.generate.remote(eval_prompts(cfg), 4, SAMPLING)):
             expected = logprobs_under(policy, processor, group)
             for i, c in enumerate(group.completions):
                 got = torch.tensor(c.logprobs)
                 assert (got - expected[i, : len(c.token_ids)]).abs().max() < ATOL
     finally:
-        worker.shutdown()
+        ray.kill(worker)
 
 
 SAMPLING = SamplingParams(1.0, 1.0, 16, seed=0)

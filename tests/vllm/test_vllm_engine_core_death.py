@@ -11,6 +11,7 @@ raises `EngineDeadError` for that call and every later one; the engine turns it 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -29,15 +30,17 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 SAMPLING = SamplingParams(1.0, 1.0, 4, seed=0)
 
 
-def engine_core_process() -> psutil.Process:
-    """The one child of this process that vLLM titled "EngineCore"."""
-    cores = [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
-    ]
-    assert len(cores) == 1, [p.cmdline() for p in psutil.Process().children(recursive=True)]
-    return cores[0]
+def engine_core_process(worker: RolloutWorker) -> psutil.Process:
+    """The engine-core process of the worker's vLLM engine, as vLLM's client holds it.
+
+    vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING once per process (its env cache): an in-process
+    engine made earlier in this pytest process would make this one in-process too, with no core
+    to kill; tests that make engines with other settings run them in Ray actors."""
+    client = worker.engine.llm.llm_engine.engine_core
+    (core,) = client.resources.engine_manager.processes
+    process = psutil.Process(core.pid)
+    assert process.is_running() and process.ppid() == os.getpid()
+    return process
 
 
 def kill_once_generating(llm_engine, core: psutil.Process) -> None:
@@ -70,7 +73,7 @@ def prompts(text_mcq_dir):
 
 def test_a_core_killed_while_it_generates_breaks_the_generate_in_flight(worker, prompts):
     assert [len(g.completions) for g in worker.generate(prompts, 2, SAMPLING)] == [2, 2]
-    core = engine_core_process()
+    core = engine_core_process(worker)
     killer = threading.Thread(
         target=kill_once_generating, args=(worker.engine.llm.llm_engine, core), daemon=True
     )
@@ -85,7 +88,7 @@ def test_a_core_killed_while_it_generates_breaks_the_generate_in_flight(worker, 
 
 def test_a_core_killed_while_idle_breaks_the_next_generate(worker, prompts):
     assert [len(g.completions) for g in worker.generate(prompts, 2, SAMPLING)] == [2, 2]
-    core = engine_core_process()
+    core = engine_core_process(worker)
     core.kill()
     core.wait(timeout=60)
     with pytest.raises(EngineBrokenError, match="engine core process died during generate"):
