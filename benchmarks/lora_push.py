@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from sync_bench import push_seconds, run_members
 
+from gmai_rl.models.loading import is_vision_language_config
 from gmai_rl.models.lora import LoraOptions, with_lora
 from gmai_rl.sync.buckets import TensorSpec, plan_buckets
 from gmai_rl.sync.weights import param_specs
@@ -44,12 +45,12 @@ def plans(config: Any, lora: LoraOptions, wire: str) -> dict[str, list[TensorSpe
     """{"full weights": every parameter, "adapters": the LoRA ones} as pushed, in `wire`."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    vl = getattr(config, "vision_config", None) is not None
+    vl = is_vision_language_config(config)
     auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)
         full = param_specs(model.named_parameters(), wire)
-        wrapped = with_lora(model, lora)
+        wrapped = with_lora(model, lora, vl)
         adapters = param_specs(
             ((n, p) for n, p in wrapped.named_parameters() if p.requires_grad), wire
         )

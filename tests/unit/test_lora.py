@@ -7,7 +7,8 @@ import pytest
 from gmai_rl.config_checks import validate
 from gmai_rl.models.loading import ModelOptions, load_model
 from gmai_rl.models.lora import LoraOptions, adapter_base, adapter_names
-from gmai_rl.rollout.vllm_lora import max_lora_rank, peft_file_name
+from gmai_rl.rollout.options import max_lora_rank
+from gmai_rl.rollout.vllm_lora import peft_file_name
 from support import train_config
 
 

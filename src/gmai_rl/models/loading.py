@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gmai_rl.models.lora import LoraOptions, adapter_base, load_adapter, with_lora
+from gmai_rl.models.lora import LoraOptions, adapter_base, load_adapter, with_lora, without_peft
 from gmai_rl.types import StrChoice
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ def is_vision_language_config(config: Any) -> bool:
 
 
 def is_vision_parameter(name: str) -> bool:
-    """Whether a parameter (by its `named_parameters` name) belongs to the vision tower."""
-    return name.startswith(_VISION_PREFIXES)
+    """Whether a parameter (by its `named_parameters` name, in a `PeftModel` too) belongs to
+    the vision tower."""
+    return without_peft(name).startswith(_VISION_PREFIXES)
 
 
 def load_processor(options: ModelOptions) -> Any:
@@ -154,7 +155,7 @@ def load_model(options: ModelOptions, device: str | None = None) -> Any:
     if path != options.path:  # an exported adapter on its base
         return load_adapter(model, options.path, trainable=options.lora.enabled)
     if options.lora.enabled:
-        model = with_lora(model, options.lora)
+        model = with_lora(model, options.lora, is_vision_language_config(config))
         log.info("LoRA adapters: %s", _trainable_summary(model))
     return model
 

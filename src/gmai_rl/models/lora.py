@@ -4,8 +4,8 @@ With `model.lora.enabled` the policy is a `peft.PeftModel`: the base weights loa
 stay frozen; low-rank adapters on the language model's linear layers (`targets`) are the only
 trainable parameters, so only they carry optimizer state, only they are pushed to the rollout
 workers, and only they (with their optimizer state) go into a resumable checkpoint. The KL
-reference is the base model itself, run with the adapters disabled (`adapters_disabled`): no
-second copy of the weights. Every holder of the policy (learner ranks, HF rollout engines) wraps
+reference is the same base with a copy of the adapters RL started from (`learner.lora_reference`):
+no second copy of the weights. Every holder of the policy (learner ranks, HF rollout engines) wraps
 the same base with the same configuration, so parameters have the same names everywhere.
 
 An exported adapter is PEFT's own folder format (adapter_config.json +
@@ -79,11 +79,11 @@ def peft_config(options: LoraOptions, vision_tower: bool = True) -> Any:
     )
 
 
-def with_lora(model: Any, options: LoraOptions) -> Any:
-    """`model` wrapped in adapters (a `PeftModel`); every base parameter frozen."""
+def with_lora(model: Any, options: LoraOptions, vision_tower: bool) -> Any:
+    """`model` wrapped in adapters (a `PeftModel`); every base parameter frozen. `vision_tower`:
+    the model has one (`models.loading.is_vision_language_config`)."""
     from peft import get_peft_model
 
-    vision_tower = getattr(model.config, "vision_config", None) is not None
     return get_peft_model(model, peft_config(options, vision_tower))
 
 

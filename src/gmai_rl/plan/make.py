@@ -199,6 +199,7 @@ def make_plan(
         learner = {name: on_host(mem) for name, mem in learner.items()}
         reference = on_host(reference) if reference is not None else None
     prompt = prompt_budget(cfg, m, items)
+    pushed = pushed_bytes(cfg, m)
     plan = Plan(
         cfg,
         m,
@@ -210,8 +211,8 @@ def make_plan(
         engine_memory(cfg, m, hw.gpu_memory, prompt.longest),
         prompt,
         working=working_memory(cfg, m, prompt.longest),
-        push=push_memory(cfg, pushed_bytes(cfg, m)),
-        engine_receive=min(float(cfg.sync.bucket_mb * MIB), pushed_bytes(cfg, m)),
+        push=push_memory(cfg, pushed),
+        engine_receive=min(float(cfg.sync.bucket_mb * MIB), pushed),
     )
     if c.gpus_per_learner == 0:
         plan.working = {name: on_host(mem) for name, mem in plan.working.items()}

@@ -19,7 +19,7 @@ from gmai_rl.models.loading import (
     is_vision_language_config,
     is_vision_parameter,
 )
-from gmai_rl.models.lora import with_lora, without_peft
+from gmai_rl.models.lora import with_lora
 from gmai_rl.plan.memory import DecoderShape, ParamCounts
 
 
@@ -75,9 +75,7 @@ def count_parameters(model: Any, freeze_vision: bool) -> ParamCounts:
     return ParamCounts(
         total=sum(p.numel() for p in named.values()),
         trainable=sum(p.numel() for p in named.values() if p.requires_grad),
-        vision=sum(
-            p.numel() for name, p in named.items() if is_vision_parameter(without_peft(name))
-        ),
+        vision=sum(p.numel() for name, p in named.items() if is_vision_parameter(name)),
         largest_layer=largest,
     )
 
@@ -135,7 +133,7 @@ def read_model(options: ModelOptions) -> ModelFacts:
         )
         architecture = type(model).__name__
         if options.lora.enabled:
-            model = with_lora(model, options.lora)
+            model = with_lora(model, options.lora, vl)
             architecture += f" + LoRA rank {options.lora.rank}"
     text = config.get_text_config()
     heads = text.num_attention_heads

@@ -46,6 +46,16 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM 0.32.0's `LoRAConfig.max_lora_rank` accepts (config/lora.py, MaxLoRARanks)."""
 
 
+def max_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as `max_lora_rank` that holds adapters of `rank`."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(
+        f"model.lora.rank={rank}: vLLM 0.32.0 serves adapters of rank <= {VLLM_MAX_LORA_RANKS[-1]}"
+    )
+
+
 @dataclass
 class VLLMOptions:
     """The vLLM engine of each rollout worker (rollout.backend=vllm); see gmai_rl.rollout.vllm."""

@@ -4,8 +4,8 @@ The base weights stay as vLLM loaded them from model.path (the learners' base, n
 A push carries only the adapters' tensors; the rollout worker receives them in its own process
 (one sync-group member per engine, whatever its tensor parallelism, since the tensors are small)
 and hands them here. `AdapterVersions.load` writes them as a PEFT adapter folder and names it in
-a new `LoRARequest` (a new id each time: ids are vLLM's cache keys): vLLM 0.32.0's public way in, `LLM.generate(...,
-lora_request=...)`, which loads the folder on its first use in every worker
+a new `LoRARequest` (a new id each time: ids are vLLM's cache keys): vLLM 0.32.0's public way
+in, `LLM.generate(..., lora_request=...)`, which loads the folder on its first use in every worker
 (`lora/worker_manager.py` `_load_adapter` -> `LoRAModel.from_local_checkpoint`, sharded for
 tensor parallelism by vLLM itself). The previous version is removed from the engine
 (`remove_lora`) and from disk. Until the first push, requests run on the base, which is what
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,7 @@ import torch
 
 from gmai_rl.models.loading import ModelOptions
 from gmai_rl.models.lora import peft_config
-from gmai_rl.rollout.options import VLLM_MAX_LORA_RANKS
-
-
-def max_lora_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts as `max_lora_rank` that holds adapters of `rank`."""
-    for allowed in VLLM_MAX_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ValueError(
-        f"model.lora.rank={rank}: vLLM 0.32.0 serves adapters of rank <= {VLLM_MAX_LORA_RANKS[-1]}"
-    )
+from gmai_rl.rollout.options import max_lora_rank
 
 
 def lora_engine_kwargs(rank: int) -> dict[str, Any]:
@@ -72,6 +63,8 @@ class AdapterVersions:
         self.config.base_model_name_or_path = model.weights_path
         self.rank = int(self.config.r)
         self.root = Path(tempfile.mkdtemp(prefix="gmai-rl-adapters-"))
+        # The folder (the current adapter's files) goes when the engine does.
+        weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
         self.request: Any = None
         """The current version's `LoRARequest`; None: the base (no push yet)."""
         self.tensors: dict[str, torch.Tensor] = {}
@@ -108,6 +101,3 @@ class AdapterVersions:
             if Path(previous.lora_path).parent == self.root:  # ours, not an exported folder
                 shutil.rmtree(previous.lora_path, ignore_errors=True)
         return len(tensors)
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from gmai_rl.rollout.options import VLLM_CPU_KV_MIB, VLLM_MAX_LORA_RANKS, Backend, VLLMOptions
+from gmai_rl.rollout.options import VLLM_CPU_KV_MIB, Backend, VLLMOptions, max_lora_rank
 from gmai_rl.rollout.sizing import (
     GIB,
     MIB,
@@ -92,11 +92,11 @@ def validate(run: RolloutRun) -> list[str]:
             "model.lora.enabled with rollout.vllm.sleep_level=2: that sleep drops the base "
             "weights, which a LoRA run never pushes (only adapters travel); use sleep_level=1"
         )
-    if lora.enabled and lora.rank > VLLM_MAX_LORA_RANKS[-1]:
-        errors.append(
-            f"model.lora.rank={lora.rank}: vLLM 0.32.0 serves adapters of rank <= "
-            f"{VLLM_MAX_LORA_RANKS[-1]}"
-        )
+    if lora.enabled:
+        try:
+            max_lora_rank(lora.rank)
+        except ValueError as err:
+            errors.append(str(err))
     if "trust_remote_code" in v.engine_args:
         errors.append(
             "rollout.vllm.engine_args.trust_remote_code: set model.trust_remote_code instead "
