@@ -13,6 +13,7 @@ gmai-rl eval --model M --data D         held-out accuracy of a checkpoint; --ben
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -151,7 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "plan":
         return _plan(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    from gmai_rl.data import DataError
+
+    # What a load skipped and each benchmark's line are logged; a bare command shows them.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(args.run(args))
+    except DataError as error:
+        print(f"gmai-rl {args.command}: {error}", file=sys.stderr)
+        if getattr(args, "on_error", None) == "raise":
+            print("  (--on-error skip loads the rest and counts what it skips)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from gmai_rl.benchmarks.items import BenchItem
 from gmai_rl.benchmarks.prompts import PromptStyle, bench_prompt
 from gmai_rl.benchmarks.results import summarize as summarize_benchmarks
 from gmai_rl.benchmarks.scoring import JudgeFn, score
+from gmai_rl.data.admission import LoadReport, add_on_error_argument
 from gmai_rl.reward.mcq import answer_block, extract_choice, mcq_reward
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams
 
@@ -173,6 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--judge", default=None, help="package.module:function for open questions")
     parser.add_argument("--cache-dir", default=None, help="where decoded benchmark images go")
+    add_on_error_argument(parser)
     parser.add_argument(
         "--backend", choices=["hf", "vllm"], default="hf", help="rollout engine (in process)"
     )
@@ -189,26 +191,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     """`gmai-rl eval`; `ray`: generate on the rollout workers of a generation cluster of this
     training config (`gmai-rl eval --ray OVERRIDES`) instead of in this process."""
-    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt, load_mcq_jsonl
+    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt
     from gmai_rl.models.loading import ModelOptions
     from gmai_rl.rollout.engines import engine_spec
     from gmai_rl.rollout.worker import generate_or_drop
     from gmai_rl.types import SamplingParams
 
     system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
-    benchmarks = load_benchmark_args(args) if args.benchmark else None
-    items = [] if benchmarks is not None else load_mcq_jsonl(args.data[0])[: args.max_items]
+    items: list[MCQItem] = []
+    if args.benchmark:
+        benchmarks, reports = load_benchmark_args(args)
+    else:
+        benchmarks, (items, report) = None, load_questions(args)
+        reports = [("", report)]
     sampling = SamplingParams(args.temperature, 1.0, args.max_new_tokens, seed=0)
 
     def answer(generate: Generate) -> dict[str, Any]:
         if benchmarks is None:
-            return summarize(generate([build_prompt(i, system) for i in items]), items)
+            summary = summarize(generate([build_prompt(i, system) for i in items]), items)
+            summary["skipped"] = skipped_by_reason([r for _, r in reports])
+            return summary
         from gmai_rl.benchmarks.scoring import load_judge
 
         summary = evaluate_benchmarks(
             generate, benchmarks, PromptStyle(args.prompt_style), system, load_judge(args.judge)
         )
         for name, bench in summary.items():
+            bench["skipped"] = skipped_by_reason([r for n, r in reports if n == name])
             log.info("%s", benchmark_line(name, bench))
         return summary
 
@@ -238,8 +247,10 @@ def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     return 0
 
 
-def load_benchmark_args(args: argparse.Namespace) -> list[BenchItem]:
-    """The items of each --benchmark NAME --data PATH pair, in order."""
+def load_benchmark_args(
+    args: argparse.Namespace,
+) -> tuple[list[BenchItem], list[tuple[str, LoadReport]]]:
+    """The items of each --benchmark NAME --data PATH pair, in order, and each load's report."""
     from gmai_rl.benchmarks.loaders import load_benchmarks
 
     if len(args.benchmark) != len(args.data):
@@ -248,9 +259,41 @@ def load_benchmark_args(args: argparse.Namespace) -> list[BenchItem]:
             "one --data (the benchmark's file or folder) after each --benchmark"
         )
     pairs = zip(args.benchmark, args.data, strict=True)
-    return load_benchmarks(
-        [(name, path, args.max_items) for name, path in pairs], cache_dir=args.cache_dir
+    items, reports = load_benchmarks(
+        [(name, path, args.max_items) for name, path in pairs],
+        cache_dir=args.cache_dir,
+        on_error=args.on_error,
     )
+    empty = [report.source for _, report in reports if not report.loaded]
+    if empty:
+        raise SystemExit(f"gmai-rl eval: no question loaded from {'; '.join(empty)} (see above)")
+    return items, reports
+
+
+def load_questions(args: argparse.Namespace) -> tuple[list[MCQItem], LoadReport]:
+    """The questions of the one --data JSONL (no --benchmark), and the load's report (logged)."""
+    from gmai_rl.data import load_mcq_jsonl_with_report
+
+    if len(args.data) != 1:
+        raise SystemExit(
+            f"gmai-rl eval: {len(args.data)} --data without --benchmark: give one questions "
+            "JSONL, or name each file's benchmark with --benchmark"
+        )
+    items, report = load_mcq_jsonl_with_report(args.data[0], on_error=args.on_error)
+    log.info("%s", report.summary())
+    if not items:
+        raise SystemExit(
+            f"gmai-rl eval: no question loaded from {args.data[0]} ({report.summary()})"
+        )
+    return items[: args.max_items], report
+
+
+def skipped_by_reason(reports: Sequence[LoadReport]) -> dict[str, int]:
+    """Records the loads skipped (on_error=skip), by reason, over `reports`."""
+    skipped: Counter[str] = Counter()
+    for report in reports:
+        skipped.update(report.skipped)
+    return dict(sorted(skipped.items()))
 
 
 def benchmark_line(name: str, bench: dict[str, Any]) -> str:

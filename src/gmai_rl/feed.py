@@ -138,7 +138,8 @@ def load_benchmarks(cfg: TrainConfig) -> list[BenchItem]:
     from gmai_rl.benchmarks.loaders import load_benchmarks as load_all
 
     sources = [(b.name, b.path, b.max_items) for b in cfg.eval.benchmarks]
-    return load_all(sources, cache_dir=cfg.eval.cache_dir, on_error=cfg.data.on_error)
+    items, _ = load_all(sources, cache_dir=cfg.eval.cache_dir, on_error=cfg.data.on_error)
+    return items  # the reports are in the log
 
 
 def count_records(path: str) -> int | None:

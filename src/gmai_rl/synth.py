@@ -14,9 +14,11 @@ The output is GMAI-Reasoning10K `reasoning_mcq_sft` JSONL (absolute image paths)
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from gmai_rl.data.admission import add_on_error_argument
 from gmai_rl.rejection import (
     Filters,
     SynthOutput,
@@ -57,12 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=32, help="questions per batch (one process)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_on_error_argument(parser)
 
 
 def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     """`gmai-rl synth`; `ray`: generate and score on a generation cluster of this training
     config (`gmai-rl synth --ray OVERRIDES`) instead of in this process."""
-    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, load_mcq_jsonl
+    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, load_mcq_jsonl_with_report
 
     filters = Filters(args.k, args.keep_per_question, args.min_accuracy, args.max_accuracy)
     system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
@@ -79,7 +82,12 @@ def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
         generated_by="ray" if ray is not None else "one process (HF)",
     )
     output = SynthOutput(args.out, made)
-    items = [i for i in load_mcq_jsonl(args.data)[: args.max_items] if i.id not in output.done]
+    questions, report = load_mcq_jsonl_with_report(args.data, on_error=args.on_error)
+    if report.skipped_total:
+        print(report.summary(), file=sys.stderr)
+    if not questions:
+        raise SystemExit(f"gmai-rl synth: no question loaded from {args.data}")
+    items = [i for i in questions[: args.max_items] if i.id not in output.done]
 
     if ray is not None:
         from gmai_rl.cluster.cluster import generation_cluster

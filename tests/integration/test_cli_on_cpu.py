@@ -100,6 +100,45 @@ def test_eval_refuses_benchmarks_and_data_that_do_not_pair(tiny_model_dir, tmp_p
         main([*args, "--data", str(tmp_path)])
 
 
+def test_eval_stops_at_a_bad_row_naming_it_or_skips_and_counts_it(
+    tiny_model_dir, tmp_path, capsys, caplog
+):
+    from benchmark_fixtures import write_vqa_rad
+
+    fixture = write_vqa_rad(tmp_path / "vqa_rad")  # with one unreadable image
+    out = tmp_path / "bench.json"
+    args = ["eval", "--model", tiny_model_dir, "--max-new-tokens", "4", "--output", str(out)]
+    args += ["--benchmark", "vqa-rad", "--data", str(fixture.path)]
+    assert main(args) == 2 and not out.exists()
+    error = capsys.readouterr().err
+    assert "gmai-rl eval: " in error and ".parquet row 3: unreadable_image: " in error
+    assert "--on-error skip" in error and "Traceback" not in error
+
+    assert main([*args, "--on-error", "skip"]) == 0
+    summary = json.loads(out.read_text())["vqa-rad"]
+    assert summary["n"] == fixture.good and summary["skipped"] == fixture.bad
+    assert ".parquet row 3: PIL cannot decode" in caplog.text  # the skipped row, named
+
+
+def test_eval_of_questions_jsonl_counts_what_it_skipped(tiny_model_dir, synthetic_dir, tmp_path):
+    records = [json.loads(line) for line in (synthetic_dir / "eval.jsonl").open()][:3]
+    for record in records:
+        record["image"] = str(synthetic_dir / record["image"])
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records) + "{not json\n")
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", tiny_model_dir, "--data", str(data), "--max-new-tokens", "4"]
+    assert main([*args, "--output", str(out)]) == 2
+    assert main([*args, "--output", str(out), "--on-error", "skip"]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["n"] == 3 and summary["skipped"] == {"invalid_json": 1}
+    data.write_text("{not json\n")
+    with pytest.raises(SystemExit, match=r"no question loaded from .*eval\.jsonl"):
+        main([*args, "--on-error", "skip"])
+    with pytest.raises(SystemExit, match="2 --data without --benchmark"):
+        main([*args, "--data", str(data)])  # the second file would be left out
+
+
 def test_synth_writes_what_it_kept(tiny_model_dir, synthetic_dir, tmp_path, capsys):
     out = tmp_path / "synth.jsonl"
     args = ["synth", "--model", tiny_model_dir, "--data", str(synthetic_dir / "train.jsonl")]
@@ -109,6 +148,24 @@ def test_synth_writes_what_it_kept(tiny_model_dir, synthetic_dir, tmp_path, caps
     )
     assert "from 4 samples" in capsys.readouterr().out
     assert out.exists()  # a random model rarely answers in format; the file may be empty
+
+
+def test_synth_stops_at_a_bad_record_or_skips_and_counts_it(
+    tiny_model_dir, synthetic_dir, tmp_path, capsys
+):
+    records = [json.loads(line) for line in (synthetic_dir / "train.jsonl").open()][:2]
+    for record in records:
+        record["image"] = str(synthetic_dir / record["image"])
+    lines = [json.dumps(r) for r in records]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join([lines[0], "{not json", lines[1]]) + "\n")
+    args = ["synth", "--model", tiny_model_dir, "--data", str(data), "--k", "2"]
+    args += ["--out", str(tmp_path / "synth.jsonl"), "--max-new-tokens", "4"]
+    assert main(args) == 2
+    assert f"{data}:2: invalid_json" in capsys.readouterr().err
+    assert main([*args, "--on-error", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert "from 4 samples" in out and "skipped 1" in err and f"{data}:2" in err
 
 
 def test_synth_on_ray_samples_what_one_process_samples(tiny_model_dir, synthetic_dir, tmp_path):

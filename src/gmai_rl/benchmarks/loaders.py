@@ -171,17 +171,20 @@ def load_benchmarks(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     on_error: OnError = "raise",
-) -> list[BenchItem]:
-    """The questions of every (name, path, limit) in order, each load's report logged: what
-    `gmai-rl eval --benchmark` and a run's `eval.benchmarks` load."""
+) -> tuple[list[BenchItem], list[tuple[str, LoadReport]]]:
+    """The questions of every (name, path, limit) in order, and each load's (name, report),
+    also logged: what `gmai-rl eval --benchmark` and a run's `eval.benchmarks` load."""
     items: list[BenchItem] = []
+    reports: list[tuple[str, LoadReport]] = []
     for name, path, limit in sources:
         loaded, report = load_benchmark(
             name, path, cache_dir=cache_dir, on_error=on_error, limit=limit
         )
-        logger.info("%s", report.summary())
+        if not report.skipped_total:  # a load that skipped rows has warned with its summary
+            logger.info("%s", report.summary())
         items += loaded
-    return items
+        reports.append((name, report))
+    return items, reports
 
 
 _CHECK_THREADS = min(8, os.cpu_count() or 1)

@@ -5,6 +5,7 @@ Shared by the training data's loader (`gmai_rl.data.loader`) and the benchmarks'
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -13,6 +14,18 @@ from typing import Literal, Protocol, TypeVar
 from gmai_rl.data.records import DUPLICATE_ID, RecordError
 
 OnError = Literal["raise", "skip"]
+
+
+def add_on_error_argument(parser: argparse.ArgumentParser) -> None:
+    """`--on-error raise|skip` for a command that loads questions (`gmai-rl eval`, `synth`), as
+    `data.on_error` is for a training run."""
+    parser.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a bad record stops the load, naming its file and line (raise, the default), or is "
+        "skipped and counted by reason with its location (skip)",
+    )
 
 
 class DataError(ValueError):
