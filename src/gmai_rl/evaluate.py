@@ -23,6 +23,7 @@ from gmai_rl.benchmarks.prompts import PromptStyle, bench_prompt
 from gmai_rl.benchmarks.results import summarize as summarize_benchmarks
 from gmai_rl.benchmarks.scoring import JudgeFn, score
 from gmai_rl.data.admission import LoadReport, add_on_error_argument
+from gmai_rl.data.trained_prompt import add_system_prompt_arguments, system_prompt_for
 from gmai_rl.reward.mcq import answer_block, extract_choice, mcq_reward
 from gmai_rl.types import Group, MCQItem, Prompt, SamplingParams
 
@@ -117,6 +118,7 @@ def evaluate_benchmarks(
         bench["truncated_rate"] = truncated[name] / bench["n"]
         bench["dropped"] = dropped[name]
         bench["prompt_style"] = str(style)
+        bench["system_prompt"] = system_prompt
     return summary
 
 
@@ -180,8 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="the in-process HF engine's device")
     parser.add_argument("--max-items", type=int, default=None, help="per file or benchmark")
-    parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
-    parser.add_argument("--no-system-prompt", action="store_true")
+    add_system_prompt_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -191,13 +192,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     """`gmai-rl eval`; `ray`: generate on the rollout workers of a generation cluster of this
     training config (`gmai-rl eval --ray OVERRIDES`) instead of in this process."""
-    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, build_prompt
+    from gmai_rl.data import build_prompt
     from gmai_rl.models.loading import ModelOptions
     from gmai_rl.rollout.engines import engine_spec
     from gmai_rl.rollout.worker import generate_or_drop
     from gmai_rl.types import SamplingParams
 
-    system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+    system, whose = system_prompt_for(args.model, args.system_prompt, args.no_system_prompt)
+    log.info("system prompt: %s", whose)
     items: list[MCQItem] = []
     if args.benchmark:
         benchmarks, reports = load_benchmark_args(args)
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     def answer(generate: Generate) -> dict[str, Any]:
         if benchmarks is None:
             summary = summarize(generate([build_prompt(i, system) for i in items]), items)
+            summary["system_prompt"] = system
             summary["skipped"] = skipped_by_reason([r for _, r in reports])
             return summary
         from gmai_rl.benchmarks.scoring import load_judge

@@ -43,6 +43,7 @@ from gmai_rl.config import TrainConfig
 from gmai_rl.config_checks import validate
 from gmai_rl.dashboards import Dashboards, open_dashboards, run_name
 from gmai_rl.data import build_prompt
+from gmai_rl.data.trained_prompt import record_system_prompt
 from gmai_rl.evaluate import (
     benchmark_line,
     evaluate_benchmarks,
@@ -170,6 +171,9 @@ def train(run: Run, setup: dict[str, Any]) -> dict[str, Any]:
         result["rounds"] = rounds
     if cfg.trainer.save_final:
         cluster.save(str(run.out / "final"))
+        for export in (run.out / "final", run.out / "final" / "merged"):  # merged: LoRA's
+            if export.is_dir():
+                record_system_prompt(export, cfg.data.system_prompt)
         result["checkpoint"] = str(run.out / "final")
     return result
 

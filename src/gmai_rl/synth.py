@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gmai_rl.data.admission import add_on_error_argument
+from gmai_rl.data.trained_prompt import add_system_prompt_arguments, system_prompt_for
 from gmai_rl.rejection import (
     Filters,
     SynthOutput,
@@ -53,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=512, help="longer traces: too_long")
     parser.add_argument("--max-items", type=int, default=None)
-    parser.add_argument("--system-prompt", default=None, help="default: the project's prompt")
-    parser.add_argument("--no-system-prompt", action="store_true")
+    add_system_prompt_arguments(parser)
     parser.add_argument(
         "--batch-size", type=int, default=32, help="questions per batch (one process)"
     )
@@ -65,10 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     """`gmai-rl synth`; `ray`: generate and score on a generation cluster of this training
     config (`gmai-rl synth --ray OVERRIDES`) instead of in this process."""
-    from gmai_rl.data import DEFAULT_SYSTEM_PROMPT, load_mcq_jsonl_with_report
+    from gmai_rl.data import load_mcq_jsonl_with_report
 
     filters = Filters(args.k, args.keep_per_question, args.min_accuracy, args.max_accuracy)
-    system = None if args.no_system_prompt else (args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+    system, whose = system_prompt_for(args.model, args.system_prompt, args.no_system_prompt)
+    print(f"system prompt: {whose}", file=sys.stderr)
     sampling = SamplingParams(args.temperature, args.top_p, args.max_new_tokens, seed=args.seed)
     # policy version 0: the checkpoint's own weights (a synth pushes none)
     made = provenance(

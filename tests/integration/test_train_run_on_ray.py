@@ -76,6 +76,7 @@ def test_end_to_end_run_writes_metrics_and_eval(small_config, tmp_path):
 
     assert result["report"] == str(tmp_path / "report.md")
     check_benchmarks(lines, saved, {"gmai-mmbench": mcq.good, "vqa-rad": vqa.good})
+    check_cli_eval_of_final(cfg, tmp_path / "final", saved, mcq.path, vqa.path)
     check_tensorboard(tmp_path / "tensorboard")
     check_report(tmp_path, saved)
     check_ray_metrics(scraped)
@@ -96,6 +97,26 @@ def check_benchmarks(lines, saved, sizes):
             result = saved[phase]["benchmarks"][name]
             assert result["n"] == n and result["prompt_style"] == "trained"
     assert 0 <= bench[-1]["gmai-mmbench/accuracy"] <= 1
+
+
+def check_cli_eval_of_final(cfg, final, saved, mcq, vqa):
+    """`gmai-rl eval` of the exported checkpoint asks it with the system prompt its run trained
+    with (recorded beside the weights) and so answers as the run's evaluation after RL did."""
+    from gmai_rl.cli import main
+    from gmai_rl.data.trained_prompt import system_prompt_for
+
+    assert system_prompt_for(final)[0] == cfg.data.system_prompt
+    out = final.parent / "cli_eval.json"
+    args = ["eval", "--model", str(final), "--output", str(out)]
+    args += ["--max-new-tokens", str(cfg.rollout.max_new_tokens)]
+    args += ["--benchmark", "gmai-mmbench", "--data", str(mcq)]
+    args += ["--benchmark", "vqa-rad", "--data", str(vqa)]
+    assert main(args) == 0
+    cli = json.loads(out.read_text())
+    for name, in_run in saved["after_rl"]["benchmarks"].items():
+        assert cli[name]["system_prompt"] == in_run["system_prompt"] == cfg.data.system_prompt
+        assert cli[name]["accuracy"] == in_run["accuracy"], name
+        assert cli[name]["no_answer_rate"] == in_run["no_answer_rate"], name
 
 
 def check_tensorboard(log_dir):
