@@ -645,6 +645,60 @@ def test_an_update_refused_before_the_reload_leaves_the_engine_usable():
     assert engine.load_weights(model.named_parameters()) == 8
 
 
+class EngineDeadError(Exception):
+    """Stands in for vLLM's (v1/engine/exceptions.py), raised for every call once the engine
+    core process has died; the engine recognises it by its type."""
+
+
+class CoreDiedLLM(SleepingLLM):
+    """An LLM whose engine core process has died: every call reaches a dead core."""
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        self.calls.append(method)
+        raise EngineDeadError("EngineCore encountered an issue. See stack trace for the cause.")
+
+    def sleep(self, level: int) -> None:
+        self.collective_rpc("sleep")
+
+    def generate(self, *args: object, **kwargs: object) -> list:
+        self.collective_rpc("generate")
+        return []
+
+
+@pytest.mark.parametrize("action", ["generate", "load weights", "receive weights", "sleep"])
+def test_an_engine_whose_core_died_is_broken_for_good(monkeypatch, vl_processor, action):
+    """vLLM raises EngineDeadError once its engine core process dies (an OOM, a crashed
+    kernel): the engine is broken for good (EngineBrokenError, which the driver counts as the
+    worker's death and replaces it), and no later call reaches vLLM."""
+    exceptions = SimpleNamespace(EngineDeadError=EngineDeadError)
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.exceptions", exceptions)
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=dict))
+    model = small_model()
+    llm = CoreDiedLLM(FakeWorker())
+    engine = engine_around(llm)
+    engine.sleep_mode = True
+    engine.processor, engine.mm_kwargs = vl_processor, {}
+    engine.stop_ids, engine.banned = [0], []
+    plan = plan_buckets(param_specs(model.named_parameters(), "bfloat16"), 200)
+    question = Prompt("q", [{"role": "user", "content": "Which side?"}])
+    calls = {
+        "generate": lambda: engine.generate([question], 2, SamplingParams()),
+        "load weights": lambda: engine.load_weights(model.named_parameters()),
+        "receive weights": lambda: engine.receive_weights(plan),
+        "sleep": engine.sleep,
+    }
+    with pytest.raises(EngineBrokenError, match="engine core process died") as died:
+        calls[action]()
+    assert isinstance(died.value.__cause__, EngineDeadError)
+    reached = list(llm.calls)
+    for call in (calls["generate"], calls["load weights"], calls["receive weights"]):
+        with pytest.raises(EngineBrokenError, match="must be replaced"):
+            call()
+    assert llm.calls == reached  # refused before reaching vLLM
+    with pytest.raises(EngineBrokenError, match="engine core process died"):
+        engine.sleep()  # the dead core, asked again
+
+
 def test_a_broken_engine_reaches_the_driver_as_a_worker_to_replace(monkeypatch):
     import ray
     from ray.exceptions import RayTaskError
