@@ -312,6 +312,46 @@ def test_a_bucket_that_never_completes_fails_the_push_at_its_deadline(bound: int
     assert fake.t == pytest.approx(2.0)  # at the (fake) deadline, not a poll later
 
 
+class FailingSender(LaggingSender):
+    """A push that fails at bucket 1: its broadcast cannot start (a gloo send to a receiver
+    whose connection broke raises at once), or the driver asks the push to stop (a member
+    died) once bucket 0 is on its way."""
+
+    def __init__(self, events: list[tuple], how: str) -> None:
+        super().__init__(events)
+        self.how = how
+
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> Transfer:
+        if self.how == "start" and self.calls == 2:  # the fingerprint, bucket 0, then bucket 1
+            self.calls += 1
+            raise RuntimeError("Connection reset by peer")
+        return super().start_broadcast(tensor, src)
+
+    def abort_reason(self) -> str | None:
+        sent = [e for e in self.events if e[0] == "broadcast"]
+        return "rollout worker 1 died" if self.how == "abort" and sent else None
+
+
+@pytest.mark.parametrize("how", ["start", "abort"])
+@pytest.mark.parametrize("bound", [1, 2])
+def test_a_push_that_fails_midway_still_walks_every_bucket(how: str, bound: int) -> None:
+    """Whatever ends rank 0's sending (here a broadcast that cannot start, or a stop asked for
+    while bucket 0 is in flight), it opens and closes every later bucket as the other ZeRO-3
+    ranks do, then raises."""
+    model = tiny_model()
+    plan = plan_for(model)
+    events: list[tuple] = []
+    group = FailingSender(events, how)
+    opener = bucket_opener(model, plan, events)
+    with pytest.raises(Exception, match=r"Connection reset|rollout worker 1 died"):
+        send_weights(group, plan, opener, max_in_flight=bound, clock=FakeClock().clock())
+    walked = [e for e in events if e[0] in ("gather", "release")]
+    assert walked == [(what, i) for i in range(len(plan)) for what in ("gather", "release")]
+    # A stop is seen in the waits: the window's `bound` buckets went out before it.
+    sent = 1 if how == "start" else bound
+    assert [e for e in events if e[0] == "broadcast"] == [("broadcast", i) for i in range(sent)]
+
+
 def test_a_bound_below_one_is_refused_naming_the_setting() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match=r"sync\.max_buckets_in_flight"):
