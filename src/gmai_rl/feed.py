@@ -23,7 +23,8 @@ from typing import Any, Generic, TypeVar
 
 from gmai_rl.benchmarks.items import BenchItem
 from gmai_rl.config import TrainConfig
-from gmai_rl.data import build_prompt, load_mcq_jsonl, sft_target
+from gmai_rl.data import build_prompt, load_mcq_jsonl_with_report, sft_target
+from gmai_rl.data.admission import LoadReport
 from gmai_rl.models.tokens import end_of_turn_id
 from gmai_rl.progress import Progress
 from gmai_rl.types import MCQItem, TrainSample
@@ -106,13 +107,15 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
         with Progress.of(
             cfg.dashboards, f"loading {Path(path).name}", count_records(path), unit="record"
         ) as bar:
-            return load_mcq_jsonl(
+            items, report = load_mcq_jsonl_with_report(
                 path,
                 image_root=d.image_root,
                 on_error=d.on_error,
                 on_record=bar.update,
                 image_cache=d.image_check_cache,
             )
+        refuse_empty(report)
+        return items
 
     data = Datasets(train=load(d.train))
     if d.eval:
@@ -138,8 +141,17 @@ def load_benchmarks(cfg: TrainConfig) -> list[BenchItem]:
     from gmai_rl.benchmarks.loaders import load_benchmarks as load_all
 
     sources = [(b.name, b.path, b.max_items) for b in cfg.eval.benchmarks]
-    items, _ = load_all(sources, cache_dir=cfg.eval.cache_dir, on_error=cfg.data.on_error)
-    return items  # the reports are in the log
+    items, reports = load_all(sources, cache_dir=cfg.eval.cache_dir, on_error=cfg.data.on_error)
+    for _, report in reports:
+        refuse_empty(report)
+    return items
+
+
+def refuse_empty(report: LoadReport) -> None:
+    """A configured source of which nothing loaded (every record skipped, or none there) stops
+    the run before it starts, rather than a run without that data."""
+    if not report.loaded:
+        raise ValueError(f"no question loaded: {report.summary()}")
 
 
 def count_records(path: str) -> int | None:
