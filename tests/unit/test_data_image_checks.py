@@ -197,13 +197,13 @@ def test_load_datasets_passes_the_configured_cache(
     from support import train_config
 
     seen: list[object] = []
-    real: Callable[..., object] = feed.load_mcq_jsonl
+    real: Callable[..., object] = feed.load_mcq_jsonl_with_report
 
     def spy(path: str, **kwargs: object) -> object:
         seen.append(kwargs["image_cache"])
         return real(path, **kwargs)
 
-    monkeypatch.setattr(feed, "load_mcq_jsonl", spy)
+    monkeypatch.setattr(feed, "load_mcq_jsonl_with_report", spy)
     data = tmp_path / "data"
     data.mkdir()
     Image.new("L", (8, 6)).save(data / "a.png")
