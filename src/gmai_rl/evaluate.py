@@ -205,14 +205,13 @@ def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
         benchmarks, reports = load_benchmark_args(args)
     else:
         benchmarks, (items, report) = None, load_questions(args)
-        reports = [("", report)]
     sampling = SamplingParams(args.temperature, 1.0, args.max_new_tokens, seed=0)
 
     def answer(generate: Generate) -> dict[str, Any]:
         if benchmarks is None:
             summary = summarize(generate([build_prompt(i, system) for i in items]), items)
             summary["system_prompt"] = system
-            summary["skipped"] = skipped_by_reason([r for _, r in reports])
+            summary["skipped"] = skipped_by_reason([report])
             return summary
         from gmai_rl.benchmarks.scoring import load_judge
 
@@ -274,7 +273,7 @@ def load_benchmark_args(
 
 
 def load_questions(args: argparse.Namespace) -> tuple[list[MCQItem], LoadReport]:
-    """The questions of the one --data JSONL (no --benchmark), and the load's report (logged)."""
+    """The questions of the one --data JSONL (no --benchmark), and the load's report."""
     from gmai_rl.data import load_mcq_jsonl_with_report
 
     if len(args.data) != 1:
@@ -283,7 +282,6 @@ def load_questions(args: argparse.Namespace) -> tuple[list[MCQItem], LoadReport]
             "JSONL, or name each file's benchmark with --benchmark"
         )
     items, report = load_mcq_jsonl_with_report(args.data[0], on_error=args.on_error)
-    log.info("%s", report.summary())
     if not items:
         raise SystemExit(
             f"gmai-rl eval: no question loaded from {args.data[0]} ({report.summary()})"

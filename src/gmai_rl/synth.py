@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
     """`gmai-rl synth`; `ray`: generate and score on a generation cluster of this training
     config (`gmai-rl synth --ray OVERRIDES`) instead of in this process."""
-    from gmai_rl.data import load_mcq_jsonl_with_report
+    from gmai_rl.data import load_mcq_jsonl
 
     filters = Filters(args.k, args.keep_per_question, args.min_accuracy, args.max_accuracy)
     system, whose = system_prompt_for(args.model, args.system_prompt, args.no_system_prompt)
@@ -83,9 +83,7 @@ def run(args: argparse.Namespace, ray: TrainConfig | None = None) -> int:
         generated_by="ray" if ray is not None else "one process (HF)",
     )
     output = SynthOutput(args.out, made)
-    questions, report = load_mcq_jsonl_with_report(args.data, on_error=args.on_error)
-    if report.skipped_total:
-        print(report.summary(), file=sys.stderr)
+    questions = load_mcq_jsonl(args.data, on_error=args.on_error)
     if not questions:
         raise SystemExit(f"gmai-rl synth: no question loaded from {args.data}")
     items = [i for i in questions[: args.max_items] if i.id not in output.done]

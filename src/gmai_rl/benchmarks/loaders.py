@@ -172,16 +172,14 @@ def load_benchmarks(
     cache_dir: str | os.PathLike[str] | None = None,
     on_error: OnError = "raise",
 ) -> tuple[list[BenchItem], list[tuple[str, LoadReport]]]:
-    """The questions of every (name, path, limit) in order, and each load's (name, report),
-    also logged: what `gmai-rl eval --benchmark` and a run's `eval.benchmarks` load."""
+    """The questions of every (name, path, limit) in order, and each load's (name, report):
+    what `gmai-rl eval --benchmark` and a run's `eval.benchmarks` load."""
     items: list[BenchItem] = []
     reports: list[tuple[str, LoadReport]] = []
     for name, path, limit in sources:
         loaded, report = load_benchmark(
             name, path, cache_dir=cache_dir, on_error=on_error, limit=limit
         )
-        if not report.skipped_total:  # a load that skipped rows has warned with its summary
-            logger.info("%s", report.summary())
         items += loaded
         reports.append((name, report))
     return items, reports
@@ -240,6 +238,5 @@ def _collect(
             if isinstance(iterator, Iterator) and hasattr(iterator, "close"):
                 iterator.close()  # a limit stops reading: release the reader's open file
     report.loaded = len(kept)
-    if report.skipped_total:
-        logger.warning("%s", report.summary())
+    logger.log(logging.WARNING if report.skipped_total else logging.INFO, "%s", report.summary())
     return [bench_item for _, bench_item in sorted(kept, key=lambda pair: pair[0])]

@@ -361,8 +361,7 @@ def _collect(
             cache.hits,
             cache.file,
         )
-    if report.skipped_total:
-        logger.warning("%s", report.summary())
+    logger.log(logging.WARNING if report.skipped_total else logging.INFO, "%s", report.summary())
     return items
 
 

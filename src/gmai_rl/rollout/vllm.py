@@ -267,7 +267,8 @@ class VLLMEngine:
         """With LoRA, the current adapters as received (the base is vLLM's own load of
         model.path). Otherwise not available: vLLM's parameters are fused (qkv_proj,
         gate_up_proj), sharded over TP workers and repacked for the platform's kernels, so
-        HF-named tensors cannot be read back. Verification uses the checksums of the received tensors instead (vllm_sync)."""
+        HF-named tensors cannot be read back. Verification uses the checksums of the received
+        tensors instead (vllm_sync)."""
         if self.adapters is not None:
             return iter(self.adapters.tensors.items())
         raise RuntimeError(
